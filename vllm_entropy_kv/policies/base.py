@@ -1,0 +1,98 @@
+"""The contract between compression policies and their two callers.
+
+The offline harness (`vllm_entropy_kv.eval`, HF transformers) and the engine
+(`vllm_entropy_kv.engine`, inside vLLM's worker) both build one `LayerObservation` per
+layer at the end of a request's prefill, call `KVPolicy.plan(...)`, and apply the returned
+`LayerPlan`s to their own cache. Nothing here imports vLLM.
+
+Shapes: `Hq` query heads, `Hkv` KV heads (`Hq % Hkv == 0`, GQA), `n` prompt tokens,
+`W` observation-window queries (the last `W` prompt positions), `d` head size.
+Keys and queries are after RoPE.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of a prompt's KV cache to keep, shared by every policy.
+
+    keep: a fraction of the prompt in (0, 1], or, when > 1, a token count per layer
+        (averaged over layers for policies that vary it per layer).
+    sink_tokens: the first tokens, always kept (attention sinks, StreamingLLM).
+    recent_tokens: the last prompt tokens, always kept (the observation window's own tokens).
+    block_size: per-layer budgets are rounded to multiples of this (vLLM's KV block size),
+        keeping the total over layers exact; 1 disables rounding.
+    """
+
+    keep: float
+    sink_tokens: int = 4
+    recent_tokens: int = 32
+    block_size: int = 1
+
+    def tokens_per_layer(self, num_tokens: int) -> int:
+        """The average number of tokens a layer may hold for an `num_tokens` prompt."""
+        wanted = round(self.keep * num_tokens) if self.keep <= 1 else int(self.keep)
+        floor = min(num_tokens, self.sink_tokens + self.recent_tokens)
+        return max(floor, min(num_tokens, wanted))
+
+
+@dataclass
+class LayerObservation:
+    """What one attention layer saw during prefill.
+
+    queries: [Hq, W, d] the last W prompt queries (W may be smaller than n).
+    keys, values: [Hkv, n, d] the prompt's keys and values.
+    scale: the softmax scale the model uses (usually d ** -0.5).
+    """
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    scale: float
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.shape[1]
+
+
+@dataclass
+class LayerPlan:
+    """What one layer keeps.
+
+    keep: sorted, unique prompt indices (int64) whose K/V stay, shared by all heads.
+    summary_keys, summary_values: [Hkv, s, d] synthetic tokens (merged or reconstructed)
+        appended after the kept ones, or None.
+    summary_counts: [s] how many prompt tokens each synthetic token stands for; attention
+        adds log(count) to its score so it keeps its mass (Attention Matching). None means 1.
+    """
+
+    keep: torch.Tensor
+    summary_keys: torch.Tensor | None = None
+    summary_values: torch.Tensor | None = None
+    summary_counts: torch.Tensor | None = None
+
+    @property
+    def num_summaries(self) -> int:
+        return 0 if self.summary_keys is None else self.summary_keys.shape[1]
+
+    @property
+    def num_physical(self) -> int:
+        """Tokens this layer holds after compression."""
+        return self.keep.numel() + self.num_summaries
+
+
+class KVPolicy(abc.ABC):
+    """A compression method. Subclasses are small dataclasses registered by `name`."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def plan(self, layers: list[LayerObservation], budget: Budget) -> list[LayerPlan]:
+        """Decide, for every layer, which tokens stay and which synthetic tokens are added."""
