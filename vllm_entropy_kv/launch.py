@@ -1,0 +1,155 @@
+"""Start and stop a real `vllm serve` on the embedded model: used by `make serve`, the tests,
+the benchmark and the load tests, so all of them run the server the same way.
+
+`python -m vllm_entropy_kv.launch [--port P] [--policy P] [-- extra vllm flags]` execs
+`vllm serve` in the foreground; `VllmServer` runs it in the background for programs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import requests
+
+from vllm_entropy_kv import assets
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+# Inductor compilation costs minutes of start-up on 2 cores and, on this model in bf16,
+# changed greedy answers (vLLM 0.32 CPU); eager mode starts in under a minute.
+CPU_DEFAULT_FLAGS: tuple[str, ...] = (
+    "--max-model-len", "8192",
+    "--dtype", "bfloat16",
+    "--enforce-eager",
+)
+DEFAULT_KV_CACHE_GIB = "2"
+
+
+def vllm_executable() -> str:
+    beside_python = Path(sys.executable).with_name("vllm")
+    return str(beside_python) if beside_python.exists() else shutil.which("vllm") or "vllm"
+
+
+def serve_command(
+    model: str | None = None,
+    port: int = DEFAULT_PORT,
+    host: str = DEFAULT_HOST,
+    policy: str | None = None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The `vllm serve` command line: embedded model and CPU defaults, then `extra_args`
+    (later flags win in argparse, so callers can override any default)."""
+    command = [
+        vllm_executable(), "serve", model or str(assets.prepare_model()),
+        "--served-model-name", assets.SERVED_MODEL_NAME,
+        "--host", host, "--port", str(port),
+        *CPU_DEFAULT_FLAGS,
+    ]
+    if policy is not None:
+        command += ["--kv-policy", policy]
+    return command + list(extra_args)
+
+
+def serve_environment(kv_cache_gib: str | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["VLLM_CPU_KVCACHE_SPACE"] = kv_cache_gib or env.get(
+        "VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_CACHE_GIB
+    )
+    # No model hub on these machines; never try to reach one.
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+class VllmServer:
+    """A background `vllm serve`, its log in a file; use as a context manager."""
+
+    def __init__(
+        self,
+        log_path: Path,
+        port: int = DEFAULT_PORT,
+        policy: str | None = None,
+        extra_args: Sequence[str] = (),
+        kv_cache_gib: str | None = None,
+        startup_timeout_s: float = 600,
+    ) -> None:
+        self.port = port
+        self.url = f"http://{DEFAULT_HOST}:{port}"
+        self.log_path = log_path
+        self.command = serve_command(port=port, policy=policy, extra_args=extra_args)
+        self.env = serve_environment(kv_cache_gib)
+        self.startup_timeout_s = startup_timeout_s
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> VllmServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+            start_new_session=True,  # so stop() can signal vLLM's whole process group
+        )
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"vllm serve exited with {self.process.returncode}; "
+                    f"last log lines:\n{self.log_tail()}"
+                )
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"vllm serve not healthy after {self.startup_timeout_s}s:\n"
+                           f"{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> VllmServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Run `vllm serve` on the embedded model with CPU defaults. "
+        "Arguments after `--` go to vllm serve unchanged."
+    )
+    parser.add_argument("--model", default=None, help="model dir (default: embedded model)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    parser.add_argument("--policy", default=None, help="--kv-policy value")
+    args, extra = parser.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    command = serve_command(args.model, args.port, args.host, args.policy, extra)
+    print("+ " + " ".join(command), file=sys.stderr, flush=True)
+    os.execvpe(command[0], command, serve_environment())
+
+
+if __name__ == "__main__":
+    main()
