@@ -93,6 +93,12 @@ class KVPolicy(abc.ABC):
 
     name: ClassVar[str]
 
+    #: How many of the last prompt queries the policy wants in `LayerObservation.queries`:
+    #: 32 by default (the observation window), None for every prompt query (H2O), 0 for none
+    #: (position-only policies). Callers may pass more; policies use the last ones they want.
+    #: A class default that dataclass policies may turn into a field of the same name.
+    observation_queries: int | None = 32
+
     @abc.abstractmethod
     def plan(self, layers: list[LayerObservation], budget: Budget) -> list[LayerPlan]:
         """Decide, for every layer, which tokens stay and which synthetic tokens are added."""

@@ -1,0 +1,323 @@
+"""Attention statistics of a prefill, shared by every policy, the evaluation and the engine.
+
+Everything here works on one layer's `LayerObservation`: `Hq` query heads, `Hkv` KV heads,
+`n` prompt tokens, the last `M` prompt queries (the observation window, or every prompt query
+for H2O). Query head `h` reads KV head `h // (Hq // Hkv)` (GQA). The observed query `i` sits at
+prompt position `n - M + i` and sees keys `<= n - M + i` (causal).
+
+Cost: the scores are computed per KV head and per chunk of queries, against the visible keys
+only, so memory stays at `chunk x n` per head and no `n x n` matrix is ever built. All
+arithmetic is float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from vllm_entropy_kv.policies.base import LayerObservation, LayerPlan
+
+GroupReduce = Literal["mean", "max", "sum"]
+
+# Scores materialised at once per KV head (G heads x chunk queries x visible keys): 4M floats
+# = 16 MB, small enough to stay cache-friendly, large enough to amortise the matmul.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+def check_observation(obs: LayerObservation) -> None:
+    """Raise ValueError unless the observation's shapes fit the contract in `base.py`."""
+    q, k, v = obs.queries, obs.keys, obs.values
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"queries, keys, values must be 3-D, got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"keys {tuple(k.shape)} and values {tuple(v.shape)} differ in [Hkv, n]")
+    if q.shape[0] % k.shape[0] != 0:
+        raise ValueError(f"{q.shape[0]} query heads are not a multiple of {k.shape[0]} KV heads")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"query size {q.shape[2]} != key size {k.shape[2]}")
+    if q.shape[1] > k.shape[1]:
+        raise ValueError(f"{q.shape[1]} observed queries for only {k.shape[1]} prompt tokens")
+    if k.shape[1] < 1:
+        raise ValueError("empty prompt")
+
+
+def prompt_length(layers: Sequence[LayerObservation]) -> int:
+    """The prompt length `n` shared by all layers (validating every observation)."""
+    if not layers:
+        raise ValueError("no layers to plan")
+    for obs in layers:
+        check_observation(obs)
+    lengths = {obs.num_tokens for obs in layers}
+    if len(lengths) != 1:
+        raise ValueError(f"layers disagree on the prompt length: {sorted(lengths)}")
+    return lengths.pop()
+
+
+def last_queries(obs: LayerObservation, num_queries: int | None) -> torch.Tensor:
+    """The last `num_queries` observed queries ([Hq, M, d]); None keeps all that were passed."""
+    if num_queries is None or num_queries >= obs.queries.shape[1]:
+        return obs.queries
+    return obs.queries[:, obs.queries.shape[1] - num_queries:]
+
+
+@dataclass
+class AttentionStats:
+    """What one layer's observed queries say about its keys.
+
+    head_entropy: [Hq] Shannon entropy of each query's attention, divided by log(keys it can
+        see) so it lies in [0, 1], averaged over the observed queries; None when not asked for.
+    head_scores: [Hq, n] attention mass each key received, summed over the observed queries.
+    num_kv_heads: Hkv, for GQA-aware aggregation.
+    num_queries: M, the number of observed queries.
+    token_entropy: [n] or None; see `attention_stats(token_entropy=True)`.
+    """
+
+    head_entropy: torch.Tensor | None
+    head_scores: torch.Tensor
+    num_kv_heads: int
+    num_queries: int
+    token_entropy: torch.Tensor | None = None
+
+    @property
+    def layer_entropy(self) -> float:
+        """The layer's score in the entropy paper: the mean normalised entropy of its heads."""
+        if self.head_entropy is None:
+            raise ValueError("entropy was not computed; call attention_stats(entropy=True)")
+        return float(self.head_entropy.mean())
+
+    def kv_head_scores(self, group_reduce: GroupReduce = "mean") -> torch.Tensor:
+        """[Hkv, n]: each KV head's key scores, reduced over the query heads of its group."""
+        return reduce_groups(self.head_scores, self.num_kv_heads, group_reduce)
+
+    def token_scores(self, group_reduce: GroupReduce = "mean") -> torch.Tensor:
+        """[n]: one score per key for the whole layer (GQA groups, then KV heads)."""
+        return aggregate_heads(self.head_scores, self.num_kv_heads, group_reduce)
+
+
+def reduce_groups(
+    head_scores: torch.Tensor, num_kv_heads: int, group_reduce: GroupReduce = "mean"
+) -> torch.Tensor:
+    """[Hq, n] -> [Hkv, n], reducing the query heads that share a KV head."""
+    num_heads, n = head_scores.shape
+    grouped = head_scores.view(num_kv_heads, num_heads // num_kv_heads, n)
+    if group_reduce == "mean":
+        return grouped.mean(1)
+    if group_reduce == "max":
+        return grouped.amax(1)
+    if group_reduce == "sum":
+        return grouped.sum(1)
+    raise ValueError(f"group_reduce must be 'mean', 'max' or 'sum', got {group_reduce!r}")
+
+
+def aggregate_heads(
+    head_scores: torch.Tensor, num_kv_heads: int, group_reduce: GroupReduce = "mean"
+) -> torch.Tensor:
+    """[Hq, n] per-head scores -> [n] layer scores: reduce each GQA group, then average the
+    KV heads, so the layer keeps one token set for all its heads (the entropy paper)."""
+    return reduce_groups(head_scores, num_kv_heads, group_reduce).mean(0)
+
+
+def _causal_logits(
+    queries: torch.Tensor, keys: torch.Tensor, scale: float, start: int
+) -> torch.Tensor:
+    """Scaled logits of queries at positions start.. against the keys they can see.
+
+    queries: [G, c, d] (one GQA group); keys: [n, d]. Returns [G, c, start + c] float32 with
+    -inf above the causal diagonal (only the last c columns can be masked).
+    """
+    c = queries.shape[1]
+    visible = keys[: start + c]
+    logits = torch.matmul(queries.float() * scale, visible.float().T)
+    if c > 1:
+        # Query i sees keys <= start + i: mask the strict upper triangle of the last c columns.
+        upper = torch.ones(c, c, dtype=torch.bool, device=logits.device).triu_(1)
+        logits[..., start:].masked_fill_(upper, float("-inf"))
+    return logits
+
+
+def _query_chunk(num_heads_in_group: int, num_queries: int, n: int, max_elements: int) -> int:
+    return max(1, min(num_queries, max_elements // max(1, num_heads_in_group * n)))
+
+
+def attention_stats(
+    obs: LayerObservation,
+    num_queries: int | None = 32,
+    *,
+    entropy: bool = True,
+    token_entropy: bool = False,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> AttentionStats:
+    """Entropy and key scores of the layer's last `num_queries` observed queries.
+
+    entropy: compute `head_entropy` (score-only policies skip it: it costs a third of the time).
+    token_entropy: also compute, per key, the normalised entropy of the attention it receives
+        across all (head, query) pairs that can see it: 1 = every query attends to it alike
+        (diffuse, "high-entropy" token), 0 = one query alone attends to it. SRC uses it.
+    """
+    check_observation(obs)
+    queries = last_queries(obs, num_queries)
+    num_heads, m, _ = queries.shape
+    num_kv, n, _ = obs.keys.shape
+    group = num_heads // num_kv
+    first = n - m  # prompt position of the first observed query
+    device = obs.keys.device
+
+    head_scores = torch.zeros(num_heads, n, dtype=torch.float32, device=device)
+    entropy_sum = torch.zeros(num_heads, dtype=torch.float32, device=device)
+    # sum over (head, query) of p log p per key, for token_entropy.
+    plogp = torch.zeros(n, dtype=torch.float32, device=device) if token_entropy else None
+    chunk = _query_chunk(group, m, n, chunk_elements)
+
+    for kv in range(num_kv):
+        heads = slice(kv * group, (kv + 1) * group)
+        for lo in range(0, m, chunk):
+            hi = min(m, lo + chunk)
+            start = first + lo
+            logits = _causal_logits(queries[heads, lo:hi], obs.keys[kv], obs.scale, start)
+            probs = torch.softmax(logits, dim=-1)
+            head_scores[heads, : start + hi - lo] += probs.sum(1)
+            if not (entropy or token_entropy):
+                continue
+            # log Z = max logit - log(max prob): exact, and saves a second pass of exp.
+            log_z = logits.amax(-1) - probs.amax(-1).log()
+            if hi - lo > 1:
+                # 0 * -inf would poison the dot products below; the probs there are 0 anyway.
+                upper = torch.ones(hi - lo, hi - lo, dtype=torch.bool, device=device).triu_(1)
+                logits[..., start:].masked_fill_(upper, 0.0)
+            if entropy:
+                # H = -sum p log p = log Z - sum p * logit.
+                row_entropy = log_z - torch.linalg.vecdot(probs, logits)
+                visible = torch.arange(start + 1, start + 1 + hi - lo, device=device)
+                norm = visible.float().log().clamp_min(1e-12)  # 1 visible key: H = 0
+                entropy_sum[heads] += (row_entropy.clamp_min(0) / norm).sum(-1)
+            if plogp is not None:
+                width = start + hi - lo
+                plogp[:width] += (probs * logits).sum((0, 1))
+                plogp[:width] -= torch.einsum("gcn,gc->n", probs, log_z)
+
+    stats = AttentionStats(
+        head_entropy=entropy_sum / max(m, 1) if entropy else None,
+        head_scores=head_scores,
+        num_kv_heads=num_kv,
+        num_queries=m,
+    )
+    if plogp is not None:
+        stats.token_entropy = _key_entropy(head_scores.sum(0), plogp, num_heads, m, first)
+    return stats
+
+
+def _key_entropy(
+    mass: torch.Tensor, plogp: torch.Tensor, num_heads: int, m: int, first: int
+) -> torch.Tensor:
+    """Normalised entropy of each key's received attention over (head, query) pairs.
+
+    With S = sum_i p_i: H = -sum (p_i / S) log(p_i / S) = log S - sum p_i log p_i / S,
+    divided by log(number of pairs that see the key).
+    """
+    n = mass.numel()
+    positions = torch.arange(n, device=mass.device)
+    # Key j is seen by every observed query at position >= j.
+    seen_by = m - (positions - first).clamp(min=0)
+    pairs = (num_heads * seen_by).float()
+    safe = mass.clamp_min(torch.finfo(torch.float32).tiny)
+    entropy = safe.log() - plogp / safe
+    norm = pairs.log()
+    out = torch.where(norm > 0, entropy / norm.clamp_min(1e-12), torch.zeros_like(entropy))
+    # A key nobody attends to is as "diffuse" as it gets.
+    out = torch.where(mass > 0, out, torch.ones_like(out))
+    return out.clamp(0.0, 1.0)
+
+
+def layer_entropies(stats: Sequence[AttentionStats]) -> torch.Tensor:
+    """[L] the per-layer scores of the entropy paper."""
+    return torch.tensor([s.layer_entropy for s in stats], dtype=torch.float32)
+
+
+def attention_probs(
+    queries: torch.Tensor, keys: torch.Tensor, scale: float, start: int | None = None
+) -> torch.Tensor:
+    """[Hq, m, n] causal softmax of queries at positions start.. (default: the last m) over keys.
+
+    A reference and test helper: it materialises the whole matrix, so keep m small.
+    """
+    num_heads, m, _ = queries.shape
+    num_kv, n, _ = keys.shape
+    group = num_heads // num_kv
+    start = n - m if start is None else start
+    out = torch.zeros(num_heads, m, n, dtype=torch.float32, device=keys.device)
+    for kv in range(num_kv):
+        heads = slice(kv * group, (kv + 1) * group)
+        logits = _causal_logits(queries[heads], keys[kv], scale, start)
+        out[heads, :, : logits.shape[-1]] = torch.softmax(logits, dim=-1)
+    return out
+
+
+def attention_output(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    log_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of queries that see every key (e.g. decode queries), GQA-aware.
+
+    queries: [Hq, m, d]; keys, values: [Hkv, t, d]; log_bias: [t] added to every score
+    (log(count) for summary tokens, 0 for real ones). Returns (output [Hq, m, d],
+    probs [Hq, m, t]), both float32.
+    """
+    num_heads, m, d = queries.shape
+    num_kv = keys.shape[0]
+    group = num_heads // num_kv
+    q = queries.float().reshape(num_kv, group * m, d) * scale
+    logits = torch.matmul(q, keys.float().transpose(1, 2))
+    if log_bias is not None:
+        logits = logits + log_bias.float()
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.matmul(probs, values.float())
+    return out.reshape(num_heads, m, -1), probs.reshape(num_heads, m, -1)
+
+
+def compressed_kv(
+    obs: LayerObservation, plan: LayerPlan
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's cache after `plan`: (keys, values [Hkv, k + s, d], log_bias [k + s]).
+
+    Kept tokens come first in prompt order, then the summaries, whose bias is log(count)
+    (Attention Matching, arXiv 2602.16284) so that a summary of c tokens weighs like c tokens.
+    """
+    keys = obs.keys.index_select(1, plan.keep)
+    values = obs.values.index_select(1, plan.keep)
+    bias = torch.zeros(plan.keep.numel(), dtype=torch.float32, device=obs.keys.device)
+    if plan.summary_keys is not None and plan.summary_values is not None:
+        keys = torch.cat([keys, plan.summary_keys.to(keys.dtype)], dim=1)
+        values = torch.cat([values, plan.summary_values.to(values.dtype)], dim=1)
+        counts = (
+            torch.ones(plan.num_summaries, device=bias.device)
+            if plan.summary_counts is None
+            else plan.summary_counts.float().to(bias.device)
+        )
+        bias = torch.cat([bias, counts.log()])
+    return keys, values, bias
+
+
+__all__ = [
+    "AttentionStats",
+    "DEFAULT_CHUNK_ELEMENTS",
+    "GroupReduce",
+    "aggregate_heads",
+    "attention_output",
+    "attention_probs",
+    "attention_stats",
+    "check_observation",
+    "compressed_kv",
+    "last_queries",
+    "layer_entropies",
+    "prompt_length",
+    "reduce_groups",
+]
