@@ -1,0 +1,31 @@
+"""Uniform random eviction: the floor any scoring method has to beat."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vllm_entropy_kv.policies.base import LayerObservation
+from vllm_entropy_kv.policies.registry import register_policy
+from vllm_entropy_kv.policies.selection import LayerScores, ScorerPolicy
+
+
+@register_policy
+@dataclass
+class RandomPolicy(ScorerPolicy):
+    """Keep sinks, recent tokens and a uniformly random subset (uniform layer budgets).
+
+    seed: the draw for layer i uses seed + i, so plans are reproducible whatever the order
+        layers are planned in.
+    """
+
+    name: ClassVar[str] = "random"
+    observation_queries: ClassVar[int | None] = 0
+    seed: int = 0
+
+    def score(self, obs: LayerObservation, layer_idx: int) -> LayerScores:
+        generator = torch.Generator().manual_seed(self.seed + layer_idx)
+        scores = torch.rand(obs.num_tokens, generator=generator)
+        return LayerScores(scores.to(obs.keys.device))

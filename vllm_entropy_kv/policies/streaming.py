@@ -1,0 +1,28 @@
+"""StreamingLLM: attention sinks plus a window of the most recent tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vllm_entropy_kv.policies.base import LayerObservation
+from vllm_entropy_kv.policies.registry import register_policy
+from vllm_entropy_kv.policies.selection import LayerScores, ScorerPolicy
+
+
+@register_policy
+@dataclass
+class StreamingPolicy(ScorerPolicy):
+    """StreamingLLM (Xiao et al. 2023, "Efficient Streaming Language Models with Attention
+    Sinks"): keep the first `Budget.sink_tokens` tokens and fill the rest of each layer's
+    (uniform) budget with the most recent ones. No parameters of its own; no attention needed.
+    """
+
+    name: ClassVar[str] = "streaming"
+    observation_queries: ClassVar[int | None] = 0
+
+    def score(self, obs: LayerObservation, layer_idx: int) -> LayerScores:
+        # Later is better: the score is the position itself.
+        return LayerScores(torch.arange(obs.num_tokens, dtype=torch.float32, device=obs.keys.device))
