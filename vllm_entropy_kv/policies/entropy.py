@@ -1,0 +1,51 @@
+"""Entropy-guided layer budgets with one shared token set per layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vllm_entropy_kv.policies.base import Budget, LayerObservation
+from vllm_entropy_kv.policies.budgets import entropy_budgets
+from vllm_entropy_kv.policies.registry import register_policy
+from vllm_entropy_kv.policies.selection import LayerScores, ScorerPolicy
+from vllm_entropy_kv.policies.stats import GroupReduce, attention_stats, layer_entropies
+
+
+@register_policy
+@dataclass
+class EntropyPolicy(ScorerPolicy):
+    """Kim & Jung 2025, "Entropy-Guided KV Caching for Efficient LLM Inference" (Mathematics
+    13(15) 2366). At the end of prefill each head's attention entropy (normalised to [0, 1])
+    is averaged over the layer's heads; layers with broad attention (high entropy) get larger
+    budgets, sink-like layers (low entropy) smaller ones, the total staying the global budget.
+    Each layer keeps one token set for all its heads, chosen by attention summed over the
+    observed queries and heads (GQA-aware).
+
+    observation_queries: the window W of last prompt queries that measure entropy and scores.
+    exponent: budgets are proportional to entropy ** exponent (0 = uniform).
+    min_fraction, max_fraction: per-layer clamps as fractions of the prompt length.
+    group_reduce: how the query heads of one KV head combine ("mean", "max", "sum").
+    """
+
+    name: ClassVar[str] = "entropy"
+    observation_queries: int | None = 32
+    exponent: float = 1.0
+    min_fraction: float = 0.0
+    max_fraction: float = 1.0
+    group_reduce: GroupReduce = "mean"
+
+    def score(self, obs: LayerObservation, layer_idx: int) -> LayerScores:
+        stats = attention_stats(obs, self.observation_queries, entropy=True)
+        return LayerScores(stats.token_scores(self.group_reduce), stats)
+
+    def allocate(self, scores: list[LayerScores], budget: Budget, n: int) -> list[int]:
+        entropies = layer_entropies([s.stats for s in scores if s.stats is not None])
+        return entropy_budgets(
+            entropies,
+            budget,
+            n,
+            exponent=self.exponent,
+            min_fraction=self.min_fraction,
+            max_fraction=self.max_fraction,
+        )
