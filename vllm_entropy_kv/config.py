@@ -16,7 +16,7 @@ from vllm_entropy_kv.policies import Budget, available_policies
 
 # Policies the engine serves today. The offline evaluation can run every registered policy;
 # a policy joins this list when it works end to end in `vllm serve`.
-SERVED_POLICIES: tuple[str, ...] = ("none",)
+SERVED_POLICIES: tuple[str, ...] = ("none", "entropy", "streaming", "snapkv", "pyramid")
 DEFAULT_POLICY = "none"
 ADDITIONAL_CONFIG_PREFIX = "kv_"
 

@@ -1,0 +1,138 @@
+"""The CPU attention backend, extended to observe prefill and to read compacted caches.
+
+Registered in place of `CPU_ATTN` through vLLM's override table (never a new enum member:
+the engine core unpickles the config before plugins load). With the policy `none`, or for a
+group that is not layer-tagged, every method defers to the stock backend unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+from vllm_entropy_kv.engine.worker import CaptureRequest, compression_worker
+
+
+@dataclass
+class EntropyKVAttentionMetadata(CPUAttentionMetadata):
+    layer_idx: int = -1
+    captures: list[CaptureRequest] = field(default_factory=list)
+
+
+class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.layer_idx: int | None = getattr(kv_cache_spec, "layer_idx", None)
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> CPUAttentionMetadata:
+        worker = compression_worker()
+        if self.layer_idx is None or not worker.enabled:
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        cam = common_attn_metadata
+        num_reqs = cam.num_reqs
+        req_ids = worker.batch_req_ids(num_reqs)
+        query_start = cam.query_start_loc_cpu[: num_reqs + 1].tolist()
+        seq_lens = cam.seq_lens[:num_reqs].tolist()
+        captures: list[CaptureRequest] = []
+        virtual_rows: dict[int, tuple[int, int]] = {}
+        for row, req_id in enumerate(req_ids):
+            query_len = query_start[row + 1] - query_start[row]
+            if seq_lens[row] == query_len:
+                # Computed from position 0 (new, or recomputed after preemption): any
+                # earlier compaction of this request is void.
+                worker.forget(req_id)
+                num_tokens = worker.compressible_tokens(query_len)
+                if num_tokens:
+                    captures.append(CaptureRequest(
+                        req_id, query_start[row], num_tokens, cam.block_table_tensor[row]
+                    ))
+            elif (freed := worker.freed.get(req_id, {}).get(self.layer_idx)) is not None:
+                virtual_rows[row] = freed
+        if virtual_rows:
+            cam = self._skip_freed_blocks(cam, virtual_rows)
+        metadata = super().build(common_prefix_len, cam, fast_build)
+        return EntropyKVAttentionMetadata(
+            **{f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)},
+            layer_idx=self.layer_idx,
+            captures=captures,
+        )
+
+    def _skip_freed_blocks(
+        self, cam: CommonAttentionMetadata, rows: dict[int, tuple[int, int]]
+    ) -> CommonAttentionMetadata:
+        """Physical view for the kernel: each listed row drops its freed logical blocks
+        (kept tokens sit in the blocks before them, the tail after them) and its sequence
+        length shrinks by as many tokens. The runner's own tensors are not modified."""
+        block_table = cam.block_table_tensor.clone()
+        seq_lens = cam.seq_lens.clone()
+        for row, (first, last) in rows.items():
+            gap = last - first
+            tail = block_table[row, last:].clone()
+            block_table[row, first : first + tail.numel()] = tail
+            block_table[row, first + tail.numel() :] = 0
+            seq_lens[row] -= gap * self.block_size
+        return dataclasses.replace(
+            cam,
+            block_table_tensor=block_table,
+            seq_lens=seq_lens,
+            max_seq_len=int(seq_lens[: cam.num_reqs].max()),
+        )
+
+
+class EntropyKVAttentionImpl(CPUAttentionBackendImpl):
+    def forward(
+        self,
+        layer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if isinstance(attn_metadata, EntropyKVAttentionMetadata) and attn_metadata.captures:
+            worker = compression_worker()
+            for request in attn_metadata.captures:
+                worker.capture(request, attn_metadata.layer_idx, layer, query, key, value,
+                               kv_cache, self.scale, self.kv_cache_dtype)
+        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                               output_scale, output_block_scale)
+
+
+class EntropyKVAttentionBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "CPU_ATTN"  # the member it overrides; the config must unpickle everywhere
+
+    @staticmethod
+    def get_impl_cls() -> type[EntropyKVAttentionImpl]:
+        return EntropyKVAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[EntropyKVMetadataBuilder]:
+        return EntropyKVMetadataBuilder
+
+
+def register_backend_override() -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(
+        AttentionBackendEnum.CPU_ATTN,
+        f"{EntropyKVAttentionBackend.__module__}.{EntropyKVAttentionBackend.__qualname__}",
+    )

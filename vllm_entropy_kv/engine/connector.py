@@ -1,0 +1,128 @@
+"""The KV connector: vLLM's in-tree channel from the worker (which sees attention) to the
+scheduler (which owns blocks). It transfers nothing; it carries compression reports.
+
+Worker side: `wait_for_save` (end of each forward) compacts the requests captured in that
+forward; `build_connector_worker_meta` ships the reports. Scheduler side:
+`update_connector_output` frees each layer's reported block range through its manager.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+    SupportsHMA,
+)
+
+from vllm_entropy_kv.config import KVPolicyConfig
+from vllm_entropy_kv.engine.spec import LayerFullAttentionSpec
+from vllm_entropy_kv.engine.worker import CompressionReport, compression_worker
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+CONNECTOR_NAME = "EntropyKVConnector"
+
+
+class EntropyKVConnectorMetadata(KVConnectorMetadata):
+    """Scheduler to worker: nothing to say; the worker decides from its own batch."""
+
+
+@dataclass
+class CompressionReports(KVConnectorWorkerMetadata):
+    reports: dict[str, CompressionReport] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, CompressionReports)
+        return CompressionReports({**self.reports, **other.reports})
+
+
+class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self.config = KVPolicyConfig.from_additional_config(vllm_config.additional_config)
+        groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
+        self.group_of_layer = {
+            group.kv_cache_spec.layer_idx: group_id
+            for group_id, group in enumerate(groups)
+            if isinstance(group.kv_cache_spec, LayerFullAttentionSpec)
+        }
+        if role == KVConnectorRole.WORKER:
+            compression_worker().configure(
+                self.config, vllm_config.cache_config.block_size, len(self.group_of_layer)
+            )
+
+    # Worker side.
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        pass
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        pass
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
+        pass
+
+    def wait_for_save(self) -> None:
+        compression_worker().compact()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        reports = compression_worker().take_reports()
+        return CompressionReports(reports) if reports else None
+
+    def get_finished(
+        self, finished_req_ids: set[str]
+    ) -> tuple[set[str] | None, set[str] | None]:
+        worker = compression_worker()
+        for req_id in finished_req_ids:
+            worker.forget(req_id)
+        return None, None
+
+    # Scheduler side.
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        return 0, False
+
+    def update_state_after_alloc(self, request: Request, blocks, num_external_tokens: int):
+        pass
+
+    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        return EntropyKVConnectorMetadata()
+
+    def on_new_request(self, request: Request) -> None:
+        pass
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if not isinstance(meta, CompressionReports) or self._kv_cache_manager is None:
+            return
+        managers = self._kv_cache_manager.coordinator.single_type_managers
+        for req_id, report in meta.reports.items():
+            for layer_idx, (first, last) in report.freed_ranges.items():
+                manager = managers[self.group_of_layer[layer_idx]]
+                # Nulls the entries and returns the blocks to the shared pool; the list
+                # keeps its logical length, so decode appends at logical positions.
+                manager._remove_blocks_in_range(req_id, first, last)
+
+    def request_finished(self, request: Request, block_ids: list[int]):
+        return False, None
+
+    def request_finished_all_groups(self, request: Request, block_ids):
+        return False, None

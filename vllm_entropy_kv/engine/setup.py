@@ -1,0 +1,100 @@
+"""Start-up: the settings a policy needs from vLLM, applied or refused with a clear error.
+
+Runs in the API server inside `EngineArgs.create_engine_config`, before the config is sent
+to the engine core and workers, so every process sees the same, consistent configuration.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from vllm_entropy_kv.config import KVPolicyConfig
+
+logger = logging.getLogger(__name__)
+
+_WRAPPED_MARK = "_vllm_entropy_kv_wrapped"
+# Fine-grained reclamation: a layer frees whole blocks, so smaller blocks free more.
+COMPRESSION_BLOCK_SIZE = 32
+
+
+class UnsupportedWithPolicyError(ValueError):
+    """A vLLM feature or model the KV policy cannot work with."""
+
+
+def prepare_engine_args(engine_args: Any, config: KVPolicyConfig) -> None:
+    """Adjust EngineArgs before vLLM builds its config (a policy is on)."""
+    from vllm.config import KVTransferConfig
+
+    from vllm_entropy_kv.engine.connector import CONNECTOR_NAME
+
+    if engine_args.speculative_config:
+        raise UnsupportedWithPolicyError(
+            f"--kv-policy {config.policy}: speculative decoding is not supported with KV "
+            "compression (draft tokens would read the compacted cache); use --kv-policy none"
+        )
+    if engine_args.kv_transfer_config is not None:
+        raise UnsupportedWithPolicyError(
+            f"--kv-policy {config.policy}: --kv-transfer-config is taken by the compression "
+            "connector; other KV connectors cannot be combined with it"
+        )
+    if engine_args.enable_prefix_caching:
+        logger.warning("vllm-entropy-kv: prefix caching turned off: compacted blocks no "
+                       "longer hold the tokens their hashes name")
+    engine_args.enable_prefix_caching = False
+    # Compression scores the whole prompt at the end of its prefill, in one step.
+    engine_args.enable_chunked_prefill = False
+    engine_args.async_scheduling = False
+    if engine_args.block_size is None:
+        engine_args.block_size = COMPRESSION_BLOCK_SIZE
+    max_model_len = engine_args.create_model_config().max_model_len
+    engine_args.max_num_batched_tokens = max(engine_args.max_num_batched_tokens or 0,
+                                             max_model_len)
+    engine_args.kv_transfer_config = KVTransferConfig(
+        kv_connector=CONNECTOR_NAME,
+        kv_connector_module_path="vllm_entropy_kv.engine.connector",
+        kv_role="kv_both",
+    )
+
+
+def check_model(vllm_config: Any, config: KVPolicyConfig) -> None:
+    hf_config = vllm_config.model_config.hf_text_config
+    reasons = []
+    if getattr(hf_config, "sliding_window", None) or getattr(hf_config, "layer_types", None) \
+            and any(t != "full_attention" for t in hf_config.layer_types):
+        reasons.append("it uses sliding-window attention")
+    if getattr(hf_config, "alibi", False) or "alibi" in str(
+        getattr(hf_config, "position_embedding_type", "")
+    ):
+        reasons.append("it uses ALiBi positions")
+    if vllm_config.model_config.use_mla:
+        reasons.append("it uses MLA attention")
+    if reasons:
+        raise UnsupportedWithPolicyError(
+            f"--kv-policy {config.policy} works on full-attention RoPE models only; "
+            f"{vllm_config.model_config.model} is refused because {' and '.join(reasons)}"
+        )
+
+
+def install_engine_config_hook() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs.create_engine_config, _WRAPPED_MARK, False):
+        return
+    original = EngineArgs.create_engine_config
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args: Any, **kwargs: Any):
+        config = KVPolicyConfig.from_additional_config(self.additional_config)
+        if config.enabled:
+            prepare_engine_args(self, config)
+        vllm_config = original(self, *args, **kwargs)
+        if config.enabled:
+            check_model(vllm_config, config)
+            logger.info("vllm-entropy-kv: policy %s, budget %s, block size %d",
+                        config.policy, config.budget, vllm_config.cache_config.block_size)
+        return vllm_config
+
+    setattr(create_engine_config, _WRAPPED_MARK, True)
+    EngineArgs.create_engine_config = create_engine_config
