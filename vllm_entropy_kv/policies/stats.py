@@ -124,16 +124,28 @@ def aggregate_heads(
 
 
 def _causal_logits(
-    queries: torch.Tensor, keys: torch.Tensor, scale: float, start: int
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    scale: float,
+    start: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled logits of queries at positions start.. against the keys they can see.
 
-    queries: [G, c, d] (one GQA group); keys: [n, d]. Returns [G, c, start + c] float32 with
-    -inf above the causal diagonal (only the last c columns can be masked).
+    queries: [G, c, d] (one GQA group); keys: [n, d]; out: optional flat float32 workspace
+    of at least G * c * (start + c) elements. Returns [G, c, start + c] float32 with -inf
+    above the causal diagonal (only the last c columns can be masked).
     """
-    c = queries.shape[1]
-    visible = keys[: start + c]
-    logits = torch.matmul(queries.float() * scale, visible.float().T)
+    g, c, d = queries.shape
+    width = start + c
+    q = (queries.float() * scale).reshape(g * c, d)
+    visible = keys[:width].float().T
+    if out is None:
+        logits = torch.mm(q, visible)
+    else:
+        logits = out[: g * c * width].view(g * c, width)
+        torch.mm(q, visible, out=logits)
+    logits = logits.view(g, c, width)
     if c > 1:
         # Query i sees keys <= start + i: mask the strict upper triangle of the last c columns.
         upper = torch.ones(c, c, dtype=torch.bool, device=logits.device).triu_(1)
@@ -173,14 +185,20 @@ def attention_stats(
     # sum over (head, query) of p log p per key, for token_entropy.
     plogp = torch.zeros(n, dtype=torch.float32, device=device) if token_entropy else None
     chunk = _query_chunk(group, m, n, chunk_elements)
+    # Two workspaces reused by every chunk: fresh multi-MB tensors per chunk cost page faults
+    # comparable to the softmax itself.
+    logits_buf = torch.empty(group * chunk * n, dtype=torch.float32, device=device)
+    probs_buf = torch.empty_like(logits_buf)
 
     for kv in range(num_kv):
         heads = slice(kv * group, (kv + 1) * group)
+        keys = obs.keys[kv].float()  # converted once per KV head, not per chunk
         for lo in range(0, m, chunk):
             hi = min(m, lo + chunk)
             start = first + lo
-            logits = _causal_logits(queries[heads, lo:hi], obs.keys[kv], obs.scale, start)
-            probs = torch.softmax(logits, dim=-1)
+            logits = _causal_logits(queries[heads, lo:hi], keys, obs.scale, start, logits_buf)
+            probs = probs_buf[: logits.numel()].view_as(logits)
+            torch.softmax(logits, dim=-1, out=probs)
             head_scores[heads, : start + hi - lo] += probs.sum(1)
             if not (entropy or token_entropy):
                 continue
