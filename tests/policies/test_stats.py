@@ -98,8 +98,10 @@ def test_gqa_head_mapping() -> None:
 
 def test_group_reduce() -> None:
     scores = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.0, 4.0], [2.0, 2.0]])
-    torch.testing.assert_close(reduce_groups(scores, 2, "max"), torch.tensor([[3.0, 2.0], [2.0, 4.0]]))
-    torch.testing.assert_close(reduce_groups(scores, 2, "sum"), torch.tensor([[4.0, 2.0], [2.0, 6.0]]))
+    expected_max = torch.tensor([[3.0, 2.0], [2.0, 4.0]])
+    torch.testing.assert_close(reduce_groups(scores, 2, "max"), expected_max)
+    expected_sum = torch.tensor([[4.0, 2.0], [2.0, 6.0]])
+    torch.testing.assert_close(reduce_groups(scores, 2, "sum"), expected_sum)
     torch.testing.assert_close(aggregate_heads(scores, 2), torch.tensor([1.5, 2.0]))
     with pytest.raises(ValueError, match="group_reduce"):
         reduce_groups(scores, 2, "median")  # type: ignore[arg-type]

@@ -191,7 +191,9 @@ def pyramid_budgets(budget: Budget, n: int, num_layers: int, beta: float = 20.0)
     return proportional_budgets(pyramid_weights(num_layers, beta), budget, n)
 
 
-def entropy_weights(entropies: Sequence[float] | torch.Tensor, exponent: float = 1.0) -> torch.Tensor:
+def entropy_weights(
+    entropies: Sequence[float] | torch.Tensor, exponent: float = 1.0
+) -> torch.Tensor:
     """Budget weights from layer entropies: H ** exponent. exponent 0 is uniform; larger
     exponents widen the gap between broad (high-entropy) and sink-like layers."""
     h = torch.as_tensor(entropies, dtype=torch.float64).clamp_min(0)

@@ -38,9 +38,8 @@ def merge_groups(
     num_kv, _, d = keys.shape
     wsum = torch.zeros(num_kv, num_groups, dtype=torch.float32, device=keys.device)
     wsum.index_add_(1, group_ids, w)
-    out_k = torch.zeros(num_kv, num_groups, d, dtype=torch.float32, device=keys.device)
-    out_v = torch.zeros(num_kv, num_groups, values.shape[2], dtype=torch.float32,
-                        device=keys.device)
+    out_k = keys.new_zeros(num_kv, num_groups, d, dtype=torch.float32)
+    out_v = values.new_zeros(num_kv, num_groups, values.shape[2], dtype=torch.float32)
     out_k.index_add_(1, group_ids, keys.float() * w.unsqueeze(-1))
     out_v.index_add_(1, group_ids, values.float() * w.unsqueeze(-1))
     out_k /= wsum.unsqueeze(-1)
@@ -49,8 +48,9 @@ def merge_groups(
     return out_k.to(keys.dtype), out_v.to(values.dtype), counts
 
 
-def contiguous_groups(num_tokens: int, num_groups: int, device: torch.device | None = None
-                      ) -> torch.Tensor:
+def contiguous_groups(
+    num_tokens: int, num_groups: int, device: torch.device | None = None
+) -> torch.Tensor:
     """[num_tokens] group ids cutting a sequence into num_groups runs of near-equal length."""
     return torch.arange(num_tokens, device=device) * num_groups // num_tokens
 

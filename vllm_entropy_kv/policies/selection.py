@@ -16,8 +16,9 @@ from vllm_entropy_kv.policies.budgets import uniform_budgets
 from vllm_entropy_kv.policies.stats import AttentionStats, prompt_length
 
 
-def forced_mask(n: int, sink_tokens: int, recent_tokens: int, device: torch.device | None = None
-                ) -> torch.Tensor:
+def forced_mask(
+    n: int, sink_tokens: int, recent_tokens: int, device: torch.device | None = None
+) -> torch.Tensor:
     """[n] bool: the first `sink_tokens` and last `recent_tokens` positions (always kept)."""
     mask = torch.zeros(n, dtype=torch.bool, device=device)
     mask[: min(n, sink_tokens)] = True
@@ -30,7 +31,9 @@ def keep_all(n: int, device: torch.device | None = None) -> torch.Tensor:
     return torch.arange(n, dtype=torch.int64, device=device)
 
 
-def select_tokens(scores: torch.Tensor, k: int, sink_tokens: int, recent_tokens: int) -> torch.Tensor:
+def select_tokens(
+    scores: torch.Tensor, k: int, sink_tokens: int, recent_tokens: int
+) -> torch.Tensor:
     """The k positions to keep: sinks, recent tokens, then the highest scores.
 
     Returns sorted, unique int64 indices in [0, n), exactly min(k, n) of them. If k is below

@@ -243,7 +243,8 @@ def plan_accounting(plan: LayerPlan) -> PlanAccounting:
     else:
         bin_size = rank
     nominal = kept + bin_size
-    return PlanAccounting(kept, bin_size, rank, nominal, fair_effective_budget(nominal, bin_size, rank))
+    effective = fair_effective_budget(nominal, bin_size, rank)
+    return PlanAccounting(kept, bin_size, rank, nominal, effective)
 
 
 # ---------------------------------------------------------------- the policy

@@ -25,4 +25,5 @@ class StreamingPolicy(ScorerPolicy):
 
     def score(self, obs: LayerObservation, layer_idx: int) -> LayerScores:
         # Later is better: the score is the position itself.
-        return LayerScores(torch.arange(obs.num_tokens, dtype=torch.float32, device=obs.keys.device))
+        positions = torch.arange(obs.num_tokens, dtype=torch.float32, device=obs.keys.device)
+        return LayerScores(positions)
