@@ -25,7 +25,7 @@ def _make_layers(
 ) -> list[LayerObservation]:
     """Random layers; `sharpness[l]` scales layer l's queries (larger = lower entropy)."""
     gen = torch.Generator().manual_seed(seed)
-    sharp = list(sharpness) if sharpness is not None else [1.0 + l for l in range(num_layers)]
+    sharp = list(sharpness) if sharpness is not None else [1.0 + i for i in range(num_layers)]
     layers = []
     for layer in range(num_layers):
         q = torch.randn(q_heads, window, head_size, generator=gen) * sharp[layer]

@@ -47,8 +47,8 @@ def bin_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attn(Q_ref, K_bin, V_bin): the reference queries' attention restricted to the bin.
 
-    ref_queries: [Hkv, r, d]; bin_keys, bin_values: [Hkv, b, d]; visible: [r, b] causal mask
-    or None. Returns (probs [Hkv, r, b], outputs [Hkv, r, d]), float32; a query that sees no
+    ref_queries: [Hkv, m, d]; bin_keys, bin_values: [Hkv, b, d]; visible: [m, b] causal mask
+    or None. Returns (probs [Hkv, m, b], outputs [Hkv, m, d]), float32; a query that sees no
     bin token gets zeros.
     """
     logits = torch.matmul(ref_queries.float() * scale, bin_keys.float().transpose(1, 2))

@@ -205,18 +205,20 @@ def attention_stats(
             # log Z = max logit - log(max prob): exact, and saves a second pass of exp.
             log_z = logits.amax(-1) - probs.amax(-1).log()
             if hi - lo > 1:
-                # 0 * -inf would poison the dot products below; the probs there are 0 anyway.
+                # 0 * -inf would poison the products below; the probs there are 0 anyway.
                 upper = torch.ones(hi - lo, hi - lo, dtype=torch.bool, device=device).triu_(1)
                 logits[..., start:].masked_fill_(upper, 0.0)
+            # p * logit, in place: log p = logit - log Z, so both entropies follow from it.
+            weighted = logits.mul_(probs)
             if entropy:
                 # H = -sum p log p = log Z - sum p * logit.
-                row_entropy = log_z - torch.linalg.vecdot(probs, logits)
+                row_entropy = log_z - weighted.sum(-1)
                 visible = torch.arange(start + 1, start + 1 + hi - lo, device=device)
                 norm = visible.float().log().clamp_min(1e-12)  # 1 visible key: H = 0
                 entropy_sum[heads] += (row_entropy.clamp_min(0) / norm).sum(-1)
             if plogp is not None:
                 width = start + hi - lo
-                plogp[:width] += (probs * logits).sum((0, 1))
+                plogp[:width] += weighted.sum((0, 1))
                 plogp[:width] -= torch.einsum("gcn,gc->n", probs, log_z)
 
     stats = AttentionStats(
