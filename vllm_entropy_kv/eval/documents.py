@@ -4,7 +4,8 @@ Both measures share one prefill per document: the context is prefilled once with
 recorded, every (policy, keep ratio) plans from those observations, and
 - perplexity: the continuation is scored over the compressed cache;
 - reconstruction: the continuation's first queries, recorded during the full-cache pass, attend
-  to the full and the compressed prompt cache, layer by layer.
+  to the full and the compressed prompt cache, layer by layer; the plans' memory is accounted
+  FAIR (effective tokens) and REAL (bytes) with SRC's helpers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from vllm_entropy_kv.eval.model import Model
 from vllm_entropy_kv.eval.perplexity import score_continuation
 from vllm_entropy_kv.eval.plans import Match, Planner, Variant, build_policies, cases, widest_window
 from vllm_entropy_kv.eval.progress import Progress
-from vllm_entropy_kv.eval.reconstruction import Reference, layer_errors
+from vllm_entropy_kv.eval.reconstruction import Reference, layer_errors, memory_accounting
 from vllm_entropy_kv.eval.results import Row
 from vllm_entropy_kv.eval.texts import Document
 from vllm_entropy_kv.policies import LayerPlan
@@ -36,7 +37,7 @@ def run_documents(
     heldout_queries: int = 64,
     match: Match = "real",
 ) -> list[Row]:
-    """Rows of task "ppl" (one per document, variant, ratio) and "recon" (per match mode)."""
+    """Rows of task "ppl" and "recon", one per document, variant and ratio."""
     policies = build_policies(variants)
     window = widest_window(list(policies.values()))
     todo = cases(variants, ratios)
@@ -46,7 +47,7 @@ def run_documents(
         n = doc.context.shape[1]
         pf = prefill(model, doc.context, window)
         layers = pf.observations(None)
-        planner = Planner(policies, layers)
+        planner = Planner(policies, layers, match)
         # The full-cache pass gives the reference perplexity and the held-out queries.
         full = identity_plans(len(layers), n)
         ref = score_continuation(model, apply_plans(layers, full, n), doc.continuation,
@@ -55,7 +56,7 @@ def run_documents(
         progress.note(f"{doc.name}: n={n}, full-cache ppl {ref.perplexity:.3f}")
         base = {"doc": doc.name, "source": doc.source, "context": n}
         for variant, ratio in todo:
-            result = planner(variant.policy, ratio, match)
+            result = planner(variant.policy, ratio)
             common = {**base, "variant": variant.label, "policy": variant.policy,
                       "bias": variant.use_bias, "ratio": ratio}
             message = f"{doc.name} {variant.label} @{ratio:g}: kept {result.kept_fraction:.3f}"
@@ -68,11 +69,11 @@ def run_documents(
                              "full_nll": ref.nll, "full_tokens": ref.tokens})
                 message += f" ppl {scored.perplexity:.3f} (full {ref.perplexity:.3f})"
             if reconstruction:
-                for mode in ("real", "nominal"):
-                    res = result if mode == match else planner(variant.policy, ratio, mode)
-                    err = layer_errors(layers, res.plans, reference, variant.use_bias)
-                    rows.append({**common, "task": "recon", "match": mode, "mse": err.mse,
-                                 "relative": err.relative, "kept": res.kept_fraction})
+                err = layer_errors(layers, result.plans, reference, variant.use_bias)
+                rows.append({**common, "task": "recon", "mse": err.mse, "relative": err.relative,
+                             "kept": result.kept_fraction,
+                             **memory_accounting(result.plans, n, model.num_kv_heads,
+                                                 model.head_dim)})
                 message += f" rel.err {sum(err.relative) / len(err.relative):.4f}"
             progress.step(message)
     return rows

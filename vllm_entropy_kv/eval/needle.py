@@ -110,9 +110,9 @@ def run_needle(
             n = prompt.context.shape[1]
             pf = prefill(model, prompt.context, window)
             layers = pf.observations(None)
-            planner = Planner(policies, layers)
+            planner = Planner(policies, layers, match)
             for variant, ratio in todo:
-                result = planner(variant.policy, ratio, match)
+                result = planner(variant.policy, ratio)
                 kv = apply_plans(layers, result.plans, n)
                 answer = greedy_answer(model, kv, prompt.question, max_new_tokens, variant.use_bias)
                 hit = KEY_PHRASE in answer.lower()

@@ -115,23 +115,20 @@ def cases(variants: Sequence[Variant], ratios: Sequence[float]) -> list[tuple[Va
 
 
 class Planner:
-    """Plans per (policy, ratio, match) for one prefill, computed once and shared by the
-    variants of a policy (with and without bias)."""
+    """Plans per (policy, ratio) for one prefill, computed once and shared by the variants of
+    a policy (with and without bias)."""
 
-    def __init__(self, policies: dict[str, KVPolicy], layers: list[LayerObservation]) -> None:
+    def __init__(self, policies: dict[str, KVPolicy], layers: list[LayerObservation],
+                 match: Match = "real") -> None:
         self.policies = policies
         self.layers = layers
-        self._done: dict[tuple[str, float, str], PlanResult] = {}
+        self.match = match
+        self._done: dict[tuple[str, float], PlanResult] = {}
 
-    def __call__(self, policy: str, ratio: float, match: Match = "real") -> PlanResult:
-        key = (policy, ratio, match)
+    def __call__(self, policy: str, ratio: float) -> PlanResult:
+        key = (policy, ratio)
         if key not in self._done:
-            if match == "nominal" and (policy, ratio, "real") in self._done:
-                real = self._done[(policy, ratio, "real")]
-                if real.keep == ratio:  # no calibration was needed: the same plans
-                    self._done[key] = real
-                    return real
-            self._done[key] = make_plans(self.policies[policy], self.layers, ratio, match)
+            self._done[key] = make_plans(self.policies[policy], self.layers, ratio, self.match)
         return self._done[key]
 
 

@@ -4,6 +4,11 @@ Held-out queries (the first continuation tokens' queries, computed with the full
 once to the full prompt cache and once to the compressed one; the error is the mean squared
 difference of the two attention outputs, per layer, and relative to the mean square of the
 full output so layers of different scale compare.
+
+Memory is accounted both ways the SRC article reports: FAIR, the effective budget in tokens
+(kept + synthetic tokens, `policies.src.plan_accounting`), and REAL, the bytes the compressed
+cache occupies (bf16 K/V plus one log-count per summary, `policies.src.real_bytes`), each as a
+fraction of the full cache.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_entropy_kv.policies import LayerObservation, LayerPlan
+from vllm_entropy_kv.policies.src import plan_accounting, real_bytes
 from vllm_entropy_kv.policies.stats import attention_output, compressed_kv
 
 
@@ -54,3 +60,12 @@ def layer_errors(
         mse.append(err)
         rel.append(err / max(float(full.pow(2).mean()), 1e-30))
     return LayerErrors(mse=mse, relative=rel)
+
+
+def memory_accounting(plans: Sequence[LayerPlan], n: int, num_kv_heads: int,
+                      head_dim: int) -> dict[str, float]:
+    """FAIR (effective tokens) and REAL (bytes) fractions of the full prompt cache."""
+    effective = sum(plan_accounting(p).effective for p in plans)
+    nbytes = sum(real_bytes(p, num_kv_heads=num_kv_heads, head_size=head_dim) for p in plans)
+    full_bytes = len(plans) * n * 2 * num_kv_heads * head_dim * 2
+    return {"fair": effective / (len(plans) * n), "real": nbytes / full_bytes}
