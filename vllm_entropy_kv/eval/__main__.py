@@ -58,11 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = p.add_argument_group("sizes (defaults: full run; --quick overrides unless given)")
     g.add_argument("--context", type=int, help="perplexity context tokens (2048)")
     g.add_argument("--continuation", type=int, help="scored continuation tokens (256)")
-    g.add_argument("--plays", type=int, help="Gutenberg play windows (2)")
+    g.add_argument("--plays", type=int, help="Gutenberg play windows (4)")
     g.add_argument("--britannica", type=int, help="Britannica windows (2)")
     g.add_argument("--heldout", type=int, help="held-out queries for reconstruction (64)")
     g.add_argument("--needle-lengths", type=_ints, help="haystack lengths (1024,2048,4096)")
-    g.add_argument("--needle-depths", type=_floats, help="needle depths in [0,1] (0,0.5,1)")
+    g.add_argument("--needle-depths", type=_floats, help="needle depths in [0,1] (0.1,0.5,0.9)")
     g.add_argument("--needle-max-new", type=int, help="greedy answer tokens (24)")
     g.add_argument("--stream-policies", type=_names, help=f"({','.join(DEFAULT_STREAM_POLICIES)})")
     g.add_argument("--stream-tokens", type=int, help="stream length (4096)")
@@ -75,8 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-FULL = dict(context=2048, continuation=256, plays=2, britannica=2, heldout=64,
-            needle_lengths=[1024, 2048, 4096], needle_depths=[0.0, 0.5, 1.0], needle_max_new=24,
+FULL = dict(context=2048, continuation=256, plays=4, britannica=2, heldout=64,
+            needle_lengths=[1024, 2048, 4096], needle_depths=[0.1, 0.5, 0.9], needle_max_new=24,
             stream_tokens=4096, stream_chunk=256, stream_budget=1024, stream_compress_to=512)
 QUICK = dict(context=512, continuation=64, plays=1, britannica=1, heldout=16,
              needle_lengths=[512], needle_depths=[0.5], needle_max_new=24,
