@@ -66,11 +66,12 @@ def test_harness_changes_nothing_at_keep_one(model, document) -> None:
     n = document.context.shape[1]
     with torch.no_grad():
         logits = stock(ids).logits[0].float()
-    stock_ppl = math.exp(F.cross_entropy(logits[n:-1], ids[0, n + 1:]).item())
+    stock_ppl = math.exp(F.cross_entropy(logits[n:-1], ids[0, n + 1 :]).item())
 
     policies = ["none", *_eviction_policies()]
-    rows = run_documents(model, [document], variants(policies), [1.0], reconstruction=True,
-                         heldout_queries=8)
+    rows = run_documents(
+        model, [document], variants(policies), [1.0], reconstruction=True, heldout_queries=8
+    )
     ppl = {r["variant"]: math.exp(r["nll"] / r["tokens"]) for r in rows if r["task"] == "ppl"}
     assert set(ppl) == set(policies)
     assert ppl["none"] == pytest.approx(stock_ppl, rel=1e-4)
@@ -86,9 +87,21 @@ def test_quick_run_writes_sane_results(tmp_path: Path) -> None:
     from vllm_entropy_kv.eval.__main__ import main
 
     policies = _eviction_policies()[:1]
-    result = main(["--quick", "--policies", ",".join(["none", *policies]), "--ratios", "0.25",
-                   "--tasks", "profile,ppl,recon,needle,stream", "--bias-ablation", "",
-                   "--out", str(tmp_path)])
+    result = main(
+        [
+            "--quick",
+            "--policies",
+            ",".join(["none", *policies]),
+            "--ratios",
+            "0.25",
+            "--tasks",
+            "profile,ppl,recon,needle,stream",
+            "--bias-ablation",
+            "",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     rows = result["rows"]
     ppl = [math.exp(r["nll"] / r["tokens"]) for r in rows if r["task"] == "ppl"]
     assert ppl and all(math.isfinite(p) and 1 < p < 1000 for p in ppl)

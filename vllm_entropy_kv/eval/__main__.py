@@ -37,24 +37,57 @@ def _names(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vllm_entropy_kv.eval", description=__doc__.splitlines()[0])
-    p.add_argument("--policies", type=_names, default=None,
-                   help="comma-separated policy names (default: every registered policy)")
-    p.add_argument("--ratios", type=_floats, default=[0.1, 0.25, 0.5, 0.75],
-                   help="keep ratios (default 0.1,0.25,0.5,0.75)")
-    p.add_argument("--tasks", type=_names, default=list(TASKS),
-                   help=f"comma-separated subset of {','.join(TASKS)}")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny sizes for CI (512-token contexts, one needle case, short stream)")
-    p.add_argument("--out", type=Path, default=Path("docs"),
-                   help="output directory: RESULTS.md and img/ (default docs)")
-    p.add_argument("--bias-ablation", type=_names, default=["entropy-merge"],
-                   help="policies also measured without the log(count) bias (default entropy-merge)")
-    p.add_argument("--match", choices=("real", "nominal"), default="real",
-                   help="budget matching for ppl/needle: equal real memory (default) or nominal")
+    p = argparse.ArgumentParser(
+        prog="python -m vllm_entropy_kv.eval", description=__doc__.splitlines()[0]
+    )
+    p.add_argument(
+        "--policies",
+        type=_names,
+        default=None,
+        help="comma-separated policy names (default: every registered policy)",
+    )
+    p.add_argument(
+        "--ratios",
+        type=_floats,
+        default=[0.1, 0.25, 0.5, 0.75],
+        help="keep ratios (default 0.1,0.25,0.5,0.75)",
+    )
+    p.add_argument(
+        "--tasks",
+        type=_names,
+        default=list(TASKS),
+        help=f"comma-separated subset of {','.join(TASKS)}",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes for CI (512-token contexts, one needle case, short stream)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("docs"),
+        help="output directory: RESULTS.md and img/ (default docs)",
+    )
+    p.add_argument(
+        "--bias-ablation",
+        type=_names,
+        default=["entropy-merge"],
+        help="policies also measured without the log(count) bias (default entropy-merge)",
+    )
+    p.add_argument(
+        "--match",
+        choices=("real", "nominal"),
+        default="real",
+        help="budget matching for ppl/needle: equal real memory (default) or nominal",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: the cores the current load leaves idle, >= 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: the cores the current load leaves idle, >= 1)",
+    )
     g = p.add_argument_group("sizes (defaults: full run; --quick overrides unless given)")
     g.add_argument("--context", type=int, help="perplexity context tokens (2048)")
     g.add_argument("--continuation", type=int, help="scored continuation tokens (256)")
@@ -69,18 +102,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--stream-chunk", type=int, help="stream chunk tokens (256)")
     g.add_argument("--stream-budget", type=int, help="compress above this many tokens/layer (1024)")
     g.add_argument("--stream-compress-to", type=int, help="tokens/layer after compressing (512)")
-    g.add_argument("--profile-policies", type=_names, help=f"({','.join(DEFAULT_PROFILE_POLICIES)})")
-    p.add_argument("--replot", action="store_true",
-                   help="rebuild RESULTS.md and plots from <out>/img/results.json, run nothing")
+    g.add_argument(
+        "--profile-policies", type=_names, help=f"({','.join(DEFAULT_PROFILE_POLICIES)})"
+    )
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="rebuild RESULTS.md and plots from <out>/img/results.json, run nothing",
+    )
     return p.parse_args(argv)
 
 
-FULL = dict(context=2048, continuation=256, plays=4, britannica=2, heldout=64,
-            needle_lengths=[1024, 2048, 4096], needle_depths=[0.1, 0.5, 0.9], needle_max_new=24,
-            stream_tokens=4096, stream_chunk=256, stream_budget=1024, stream_compress_to=512)
-QUICK = dict(context=512, continuation=64, plays=1, britannica=1, heldout=16,
-             needle_lengths=[512], needle_depths=[0.5], needle_max_new=24,
-             stream_tokens=768, stream_chunk=128, stream_budget=256, stream_compress_to=128)
+FULL = dict(
+    context=2048,
+    continuation=256,
+    plays=4,
+    britannica=2,
+    heldout=64,
+    needle_lengths=[1024, 2048, 4096],
+    needle_depths=[0.1, 0.5, 0.9],
+    needle_max_new=24,
+    stream_tokens=4096,
+    stream_chunk=256,
+    stream_budget=1024,
+    stream_compress_to=512,
+)
+QUICK = dict(
+    context=512,
+    continuation=64,
+    plays=1,
+    britannica=1,
+    heldout=16,
+    needle_lengths=[512],
+    needle_depths=[0.5],
+    needle_max_new=24,
+    stream_tokens=768,
+    stream_chunk=128,
+    stream_budget=256,
+    stream_compress_to=128,
+)
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,8 +162,8 @@ def cpu_model() -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the evaluation; returns {"rows": ..., "meta": ..., "images": ...}."""
     from vllm_entropy_kv.eval import plots
-    from vllm_entropy_kv.eval.results import load_rows, save_rows
     from vllm_entropy_kv.eval.report import write_results
+    from vllm_entropy_kv.eval.results import load_rows, save_rows
 
     raw_argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -143,11 +203,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "command": "python -m vllm_entropy_kv.eval " + shlex.join(raw_argv),
         "model": f"{model.path.name} ({cfg.num_hidden_layers} layers, {cfg.num_attention_heads} "
-                 f"query heads, {cfg.num_key_value_heads} KV heads, head_dim {model.head_dim}), "
-                 f"computed in {args.dtype}; KV bytes counted as bf16 "
-                 f"({model.kv_bytes_per_token_layer * cfg.num_hidden_layers / 1024:.1f} KiB/token)",
+        f"query heads, {cfg.num_key_value_heads} KV heads, head_dim {model.head_dim}), "
+        f"computed in {args.dtype}; KV bytes counted as bf16 "
+        f"({model.kv_bytes_per_token_layer * cfg.num_hidden_layers / 1024:.1f} KiB/token)",
         "machine": f"{os.cpu_count()} CPUs (nproc), {cpu_model()}, torch {torch.__version__} "
-                   f"({torch.get_num_threads()} threads), transformers {transformers_version}",
+        f"({torch.get_num_threads()} threads), transformers {transformers_version}",
         "date": started.isoformat(timespec="seconds"),
         "policies": ", ".join(policies),
         "keep ratios": ", ".join(f"{r:g}" for r in args.ratios),
@@ -164,22 +224,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_results(out / "RESULTS.md", rows, meta, [os.path.relpath(p, out) for p in images])
         return images
 
-    docs = perplexity_documents(model, size["plays"], size["britannica"], size["context"],
-                                size["continuation"])
+    docs = perplexity_documents(
+        model, size["plays"], size["britannica"], size["context"], size["continuation"]
+    )
     if "profile" in args.tasks and docs:
-        chosen = [p for p in (args.profile_policies
-                              or DEFAULT_PROFILE_POLICIES) if p in registered]
+        chosen = [p for p in (args.profile_policies or DEFAULT_PROFILE_POLICIES) if p in registered]
         rows += run_profile(model, docs[0], chosen, 0.25)
         checkpoint()
     if {"ppl", "recon"} & set(args.tasks):
-        rows += run_documents(model, docs, rows_v, args.ratios, perplexity="ppl" in args.tasks,
-                              reconstruction="recon" in args.tasks, heldout_queries=size["heldout"],
-                              match=args.match)
+        rows += run_documents(
+            model,
+            docs,
+            rows_v,
+            args.ratios,
+            perplexity="ppl" in args.tasks,
+            reconstruction="recon" in args.tasks,
+            heldout_queries=size["heldout"],
+            match=args.match,
+        )
         checkpoint()
     if "needle" in args.tasks:
-        rows += run_needle(model, rows_v, args.ratios, size["needle_lengths"],
-                           size["needle_depths"], max_new_tokens=size["needle_max_new"],
-                           match=args.match)
+        rows += run_needle(
+            model,
+            rows_v,
+            args.ratios,
+            size["needle_lengths"],
+            size["needle_depths"],
+            max_new_tokens=size["needle_max_new"],
+            match=args.match,
+        )
         checkpoint()
     if "stream" in args.tasks:
         wanted = args.stream_policies or DEFAULT_STREAM_POLICIES
@@ -188,9 +261,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ids = model.encode(text.read_text(encoding="utf-8", errors="replace"))
         start = ids.shape[1] // 10
         meta["stream text"] = f"{text.stem}, {size['stream_tokens']} tokens from token {start}"
-        rows += run_stream(model, stream_v, ids[:, start: start + size["stream_tokens"]],
-                           chunk=size["stream_chunk"], budget_tokens=size["stream_budget"],
-                           compress_to=size["stream_compress_to"])
+        rows += run_stream(
+            model,
+            stream_v,
+            ids[:, start : start + size["stream_tokens"]],
+            chunk=size["stream_chunk"],
+            budget_tokens=size["stream_budget"],
+            compress_to=size["stream_compress_to"],
+        )
     images = checkpoint()
     print(f"[eval] done in {meta['wall time']}: {out / 'RESULTS.md'}", file=sys.stderr)
     return {"rows": rows, "meta": meta, "images": images}

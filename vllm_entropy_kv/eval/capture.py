@@ -35,11 +35,15 @@ def observations(records: Mapping[int, LayerRecord], window: int | None) -> list
     for idx in range(len(records)):
         rec = records[idx]
         queries = rec.queries if window is None else rec.queries[:, -window:]
-        out.append(LayerObservation(queries=queries, keys=rec.keys, values=rec.values, scale=rec.scale))
+        out.append(
+            LayerObservation(queries=queries, keys=rec.keys, values=rec.values, scale=rec.scale)
+        )
     return out
 
 
-def prefill(model: Model, input_ids: torch.Tensor, window: int | None, kv: KVState | None = None) -> Prefill:
+def prefill(
+    model: Model, input_ids: torch.Tensor, window: int | None, kv: KVState | None = None
+) -> Prefill:
     """Run `input_ids` (after `kv`, if given) and record the last `window` queries of every layer
     (None: every query) together with the layer's keys and values after this chunk."""
     record = slice(None) if window is None else slice(-window, None)

@@ -50,34 +50,54 @@ def run_documents(
         planner = Planner(policies, layers, match)
         # The full-cache pass gives the reference perplexity and the held-out queries.
         full = identity_plans(len(layers), n)
-        ref = score_continuation(model, apply_plans(layers, full, n), doc.continuation,
-                                 record=slice(0, heldout_queries))
+        ref = score_continuation(
+            model, apply_plans(layers, full, n), doc.continuation, record=slice(0, heldout_queries)
+        )
         reference = Reference.build(layers, {i: r.queries for i, r in ref.records.items()})
         progress.note(f"{doc.name}: n={n}, full-cache ppl {ref.perplexity:.3f}")
         base = {"doc": doc.name, "source": doc.source, "context": n}
         for variant, ratio in todo:
             result = planner(variant.policy, ratio)
-            common = {**base, "variant": variant.label, "policy": variant.policy,
-                      "bias": variant.use_bias, "ratio": ratio}
+            common = {
+                **base,
+                "variant": variant.label,
+                "policy": variant.policy,
+                "bias": variant.use_bias,
+                "ratio": ratio,
+            }
             message = f"{doc.name} {variant.label} @{ratio:g}: kept {result.kept_fraction:.3f}"
             if perplexity:
                 kv = apply_plans(layers, result.plans, n)
                 scored = score_continuation(model, kv, doc.continuation, use_bias=variant.use_bias)
-                rows.append({**common, "task": "ppl", "nll": scored.nll, "tokens": scored.tokens,
-                             "kept": result.kept_fraction, "budget_keep": result.keep,
-                             "plan_seconds": result.seconds,
-                             "full_nll": ref.nll, "full_tokens": ref.tokens})
+                rows.append(
+                    {
+                        **common,
+                        "task": "ppl",
+                        "nll": scored.nll,
+                        "tokens": scored.tokens,
+                        "kept": result.kept_fraction,
+                        "budget_keep": result.keep,
+                        "plan_seconds": result.seconds,
+                        "full_nll": ref.nll,
+                        "full_tokens": ref.tokens,
+                    }
+                )
                 message += f" ppl {scored.perplexity:.3f} (full {ref.perplexity:.3f})"
             if reconstruction:
                 err = layer_errors(layers, result.plans, reference, variant.use_bias)
-                rows.append({**common, "task": "recon", "mse": err.mse, "relative": err.relative,
-                             "kept": result.kept_fraction,
-                             **memory_accounting(result.plans, n, model.num_kv_heads,
-                                                 model.head_dim)})
+                rows.append(
+                    {
+                        **common,
+                        "task": "recon",
+                        "mse": err.mse,
+                        "relative": err.relative,
+                        "kept": result.kept_fraction,
+                        **memory_accounting(result.plans, n, model.num_kv_heads, model.head_dim),
+                    }
+                )
                 message += f" rel.err {sum(err.relative) / len(err.relative):.4f}"
             progress.step(message)
     return rows
-
 
 
 def identity_plans(num_layers: int, n: int) -> list[LayerPlan]:

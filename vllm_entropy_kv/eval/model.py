@@ -8,7 +8,12 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from vllm_entropy_kv import assets
 from vllm_entropy_kv.eval.attention import AttentionState, LayerRecord, register
@@ -108,8 +113,9 @@ def auto_threads() -> int:
     return max(1, min(torch.get_num_threads(), cores - busy))
 
 
-def load_model(path: Path | None = None, dtype: torch.dtype = torch.float32,
-               threads: int | None = None) -> Model:
+def load_model(
+    path: Path | None = None, dtype: torch.dtype = torch.float32, threads: int | None = None
+) -> Model:
     """Load the embedded model (assets.model_dir()) in eval mode with the harness's attention,
     on `threads` torch threads (None: `auto_threads()`)."""
     torch.set_grad_enabled(False)

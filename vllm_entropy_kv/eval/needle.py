@@ -22,8 +22,10 @@ from vllm_entropy_kv.eval.progress import Progress
 from vllm_entropy_kv.eval.results import Row
 from vllm_entropy_kv.eval.texts import essays_text
 
-NEEDLE = ("The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park "
-          "on a sunny day.")
+NEEDLE = (
+    "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park "
+    "on a sunny day."
+)
 QUESTION = "What is the best thing to do in San Francisco?"
 KEY_PHRASE = "dolores park"
 
@@ -45,7 +47,9 @@ def insert_needle(haystack: str, needle: str, depth: float) -> str:
     if at < len(haystack):
         stop = haystack.rfind(". ", 0, at)
         at = 0 if stop < 0 else stop + 2
-    return f"{haystack[:at]}{needle} {haystack[at:]}" if at < len(haystack) else f"{haystack} {needle}"
+    return (
+        f"{haystack[:at]}{needle} {haystack[at:]}" if at < len(haystack) else f"{haystack} {needle}"
+    )
 
 
 def build_prompt(model: Model, haystack: str, length: int, depth: float) -> NeedlePrompt:
@@ -63,16 +67,28 @@ def build_prompt(model: Model, haystack: str, length: int, depth: float) -> Need
     content = insert_needle(hay, NEEDLE, depth)
     rendered = render(content)
     cut = rendered.index(content) + len(content)
-    return NeedlePrompt(context=model.encode(rendered[:cut]), question=model.encode(rendered[cut:]),
-                        length=length, depth=depth)
+    return NeedlePrompt(
+        context=model.encode(rendered[:cut]),
+        question=model.encode(rendered[cut:]),
+        length=length,
+        depth=depth,
+    )
 
 
-def greedy_answer(model: Model, kv: KVState, prompt: torch.Tensor, max_new_tokens: int,
-                  use_bias: bool = True, stop_phrase: str | None = KEY_PHRASE) -> str:
+def greedy_answer(
+    model: Model,
+    kv: KVState,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    use_bias: bool = True,
+    stop_phrase: str | None = KEY_PHRASE,
+) -> str:
     """Greedy decoding after `prompt`; stops at end of turn, after `max_new_tokens`, or as soon
     as `stop_phrase` has appeared (the verdict cannot change after that)."""
     tok = model.tokenizer
-    stops = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if i is not None}
+    stops = {
+        i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if i is not None
+    }
     step = model.forward(prompt, kv, use_bias=use_bias, logits=slice(-1, None))
     tokens: list[int] = []
     for _ in range(max_new_tokens):
@@ -83,7 +99,9 @@ def greedy_answer(model: Model, kv: KVState, prompt: torch.Tensor, max_new_token
         tokens.append(nxt)
         if stop_phrase and stop_phrase in tok.decode(tokens).lower():
             break
-        step = model.forward(torch.tensor([[nxt]]), step.kv, use_bias=use_bias, logits=slice(-1, None))
+        step = model.forward(
+            torch.tensor([[nxt]]), step.kv, use_bias=use_bias, logits=slice(-1, None)
+        )
     return tok.decode(tokens)
 
 
@@ -116,10 +134,23 @@ def run_needle(
                 kv = apply_plans(layers, result.plans, n)
                 answer = greedy_answer(model, kv, prompt.question, max_new_tokens, variant.use_bias)
                 hit = KEY_PHRASE in answer.lower()
-                rows.append({"task": "needle", "length": n, "target_length": length,
-                             "depth": depth, "variant": variant.label, "policy": variant.policy,
-                             "bias": variant.use_bias, "ratio": ratio, "hit": hit,
-                             "answer": answer, "kept": result.kept_fraction})
-                progress.step(f"len {n} depth {depth:g} {variant.label} @{ratio:g}: "
-                              f"{'HIT' if hit else 'miss'} {answer[:60]!r}")
+                rows.append(
+                    {
+                        "task": "needle",
+                        "length": n,
+                        "target_length": length,
+                        "depth": depth,
+                        "variant": variant.label,
+                        "policy": variant.policy,
+                        "bias": variant.use_bias,
+                        "ratio": ratio,
+                        "hit": hit,
+                        "answer": answer,
+                        "kept": result.kept_fraction,
+                    }
+                )
+                progress.step(
+                    f"len {n} depth {depth:g} {variant.label} @{ratio:g}: "
+                    f"{'HIT' if hit else 'miss'} {answer[:60]!r}"
+                )
     return rows

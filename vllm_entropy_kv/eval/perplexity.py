@@ -42,12 +42,7 @@ def score_continuation(
 ) -> Scored:
     """NLL of continuation[1:] given the cache `kv` (which grows by the continuation)."""
     m = continuation.shape[1]
-    step = model.forward(continuation, kv, record=record, use_bias=use_bias,
-                         logits=slice(0, m - 1))
+    step = model.forward(continuation, kv, record=record, use_bias=use_bias, logits=slice(0, m - 1))
     assert step.logits is not None
     nll = F.cross_entropy(step.logits, continuation[0, 1:], reduction="sum")
     return Scored(nll=float(nll), tokens=m - 1, records=step.records)
-
-
-def perplexity(nll: float, tokens: int) -> float:
-    return math.exp(nll / max(1, tokens))

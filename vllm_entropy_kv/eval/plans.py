@@ -102,8 +102,12 @@ def make_plans(
 
 
 def _with_keep(budget: Budget, keep: float) -> Budget:
-    return Budget(keep=keep, sink_tokens=budget.sink_tokens, recent_tokens=budget.recent_tokens,
-                  block_size=budget.block_size)
+    return Budget(
+        keep=keep,
+        sink_tokens=budget.sink_tokens,
+        recent_tokens=budget.recent_tokens,
+        block_size=budget.block_size,
+    )
 
 
 def cases(variants: Sequence[Variant], ratios: Sequence[float]) -> list[tuple[Variant, float]]:
@@ -118,8 +122,9 @@ class Planner:
     """Plans per (policy, ratio) for one prefill, computed once and shared by the variants of
     a policy (with and without bias)."""
 
-    def __init__(self, policies: dict[str, KVPolicy], layers: list[LayerObservation],
-                 match: Match = "real") -> None:
+    def __init__(
+        self, policies: dict[str, KVPolicy], layers: list[LayerObservation], match: Match = "real"
+    ) -> None:
         self.policies = policies
         self.layers = layers
         self.match = match

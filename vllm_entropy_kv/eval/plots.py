@@ -26,9 +26,12 @@ def _style(variants: Sequence[str]) -> dict[str, dict]:
     for v in variants:
         base = v.split(" ")[0]
         i = bases.index(base)
-        out[v] = {"color": cmap(i % 10), "marker": MARKERS[i % len(MARKERS)],
-                  "linewidth": 2.6 if base in report.ENTROPY_POLICIES else 1.4,
-                  "linestyle": "--" if v.endswith("(no bias)") else "-"}
+        out[v] = {
+            "color": cmap(i % 10),
+            "marker": MARKERS[i % len(MARKERS)],
+            "linewidth": 2.6 if base in report.ENTROPY_POLICIES else 1.4,
+            "linestyle": "--" if v.endswith("(no bias)") else "-",
+        }
     return out
 
 
@@ -39,8 +42,15 @@ def _save(fig: plt.Figure, path: Path) -> str:
     return str(path)
 
 
-def _vs_ratio(table: dict, rows: Sequence[Row], ylabel: str, title: str, path: Path,
-              log: bool = False, percent: bool = False) -> str:
+def _vs_ratio(
+    table: dict,
+    rows: Sequence[Row],
+    ylabel: str,
+    title: str,
+    path: Path,
+    log: bool = False,
+    percent: bool = False,
+) -> str:
     variants, ratios = report.variant_order(rows), report.ratios_of(rows)
     style = _style(variants)
     fig, ax = plt.subplots(figsize=(8.5, 5))
@@ -67,8 +77,14 @@ def _vs_ratio(table: dict, rows: Sequence[Row], ylabel: str, title: str, path: P
 
 
 def ppl_vs_ratio(rows: Sequence[Row], path: Path) -> str:
-    return _vs_ratio(report.perplexities(rows), rows, "perplexity (lower is better)",
-                     "Continuation perplexity after a compressed context", path, log=True)
+    return _vs_ratio(
+        report.perplexities(rows),
+        rows,
+        "perplexity (lower is better)",
+        "Continuation perplexity after a compressed context",
+        path,
+        log=True,
+    )
 
 
 def needle_vs_ratio(rows: Sequence[Row], path: Path) -> str:
@@ -77,9 +93,14 @@ def needle_vs_ratio(rows: Sequence[Row], path: Path) -> str:
 
 
 def recon_vs_ratio(rows: Sequence[Row], path: Path) -> str:
-    return _vs_ratio(report.reconstruction(rows), rows,
-                     "attention-output relative MSE (log)",
-                     "Attention-output reconstruction error, mean over layers", path, log=True)
+    return _vs_ratio(
+        report.reconstruction(rows),
+        rows,
+        "attention-output relative MSE (log)",
+        "Attention-output reconstruction error, mean over layers",
+        path,
+        log=True,
+    )
 
 
 def recon_per_layer(rows: Sequence[Row], path: Path, ratio: float = report.HEADLINE_RATIO) -> str:
@@ -114,8 +135,13 @@ def memory_over_time(rows: Sequence[Row], path: Path) -> str:
     if chosen:
         first = chosen[0]
         bytes_per_token = first["points"][-1][2] / max(1.0, first["points"][-1][1])
-        ax.axhline(first["budget_tokens"] * bytes_per_token / 2**20, color="grey", linewidth=0.8,
-                   linestyle="--", label=f"budget ({first['budget_tokens']} tokens/layer)")
+        ax.axhline(
+            first["budget_tokens"] * bytes_per_token / 2**20,
+            color="grey",
+            linewidth=0.8,
+            linestyle="--",
+            label=f"budget ({first['budget_tokens']} tokens/layer)",
+        )
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("KV cache (MiB, bf16, all layers)")
     ax.set_title("KV cache size over a long stream (compress when over budget)")

@@ -7,7 +7,13 @@ from collections.abc import Sequence
 
 from vllm_entropy_kv.eval.capture import prefill
 from vllm_entropy_kv.eval.model import Model
-from vllm_entropy_kv.eval.plans import DEFAULT_WINDOW, build_policies, make_plans, widest_window, Variant
+from vllm_entropy_kv.eval.plans import (
+    DEFAULT_WINDOW,
+    Variant,
+    build_policies,
+    make_plans,
+    widest_window,
+)
 from vllm_entropy_kv.eval.results import Row
 from vllm_entropy_kv.eval.texts import Document
 from vllm_entropy_kv.policies import Budget
@@ -21,8 +27,18 @@ def run_profile(model: Model, doc: Document, policies: Sequence[str], ratio: flo
     pf = prefill(model, doc.context, widest_window(list(chosen.values())))
     layers = pf.observations(None)
     entropy = [attention_stats(obs, DEFAULT_WINDOW).head_entropy.tolist() for obs in layers]
-    budgets = {name: [p.num_physical for p in make_plans(policy, layers, ratio).plans]
-               for name, policy in chosen.items()}
-    return [{"task": "profile", "doc": doc.name, "context": pf.num_tokens, "ratio": ratio,
-             "head_entropy": entropy, "budgets": budgets,
-             "uniform": Budget(keep=ratio).tokens_per_layer(pf.num_tokens)}]
+    budgets = {
+        name: [p.num_physical for p in make_plans(policy, layers, ratio).plans]
+        for name, policy in chosen.items()
+    }
+    return [
+        {
+            "task": "profile",
+            "doc": doc.name,
+            "context": pf.num_tokens,
+            "ratio": ratio,
+            "head_entropy": entropy,
+            "budgets": budgets,
+            "uniform": Budget(keep=ratio).tokens_per_layer(pf.num_tokens),
+        }
+    ]

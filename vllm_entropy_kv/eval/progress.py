@@ -26,8 +26,12 @@ class Progress:
         self.done += count
         elapsed = time.monotonic() - self.start
         eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-        print(f"[eval] {self.task} {self.done}/{self.total} {message} "
-              f"elapsed {_clock(elapsed)} ETA {_clock(eta)}", file=self.stream, flush=True)
+        print(
+            f"[eval] {self.task} {self.done}/{self.total} {message} "
+            f"elapsed {_clock(elapsed)} ETA {_clock(eta)}",
+            file=self.stream,
+            flush=True,
+        )
 
     def note(self, message: str) -> None:
         print(f"[eval] {self.task}: {message}", file=self.stream, flush=True)

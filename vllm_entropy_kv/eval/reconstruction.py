@@ -31,9 +31,14 @@ class Reference:
     outputs: list[torch.Tensor]
 
     @classmethod
-    def build(cls, layers: Sequence[LayerObservation], queries: Mapping[int, torch.Tensor]) -> Reference:
+    def build(
+        cls, layers: Sequence[LayerObservation], queries: Mapping[int, torch.Tensor]
+    ) -> Reference:
         qs = [queries[i] for i in range(len(layers))]
-        outs = [attention_output(q, o.keys, o.values, o.scale)[0] for q, o in zip(qs, layers)]
+        outs = [
+            attention_output(q, o.keys, o.values, o.scale)[0]
+            for q, o in zip(qs, layers, strict=True)
+        ]
         return cls(queries=qs, outputs=outs)
 
 
@@ -62,8 +67,9 @@ def layer_errors(
     return LayerErrors(mse=mse, relative=rel)
 
 
-def memory_accounting(plans: Sequence[LayerPlan], n: int, num_kv_heads: int,
-                      head_dim: int) -> dict[str, float]:
+def memory_accounting(
+    plans: Sequence[LayerPlan], n: int, num_kv_heads: int, head_dim: int
+) -> dict[str, float]:
     """FAIR (effective tokens) and REAL (bytes) fractions of the full prompt cache."""
     effective = sum(plan_accounting(p).effective for p in plans)
     nbytes = sum(real_bytes(p, num_kv_heads=num_kv_heads, head_size=head_dim) for p in plans)

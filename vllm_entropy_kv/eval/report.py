@@ -42,44 +42,57 @@ def _group(rows: Sequence[Row], key: Callable[[Row], Any]) -> dict[Any, list[Row
 def perplexities(rows: Sequence[Row], source: str | None = None) -> dict[Cell, float]:
     """Token-weighted perplexity per (variant, ratio) over the documents (of one source)."""
     chosen = [r for r in select(list(rows), "ppl") if source is None or r["source"] == source]
-    return {k: math.exp(sum(r["nll"] for r in g) / sum(r["tokens"] for r in g))
-            for k, g in _group(chosen, lambda r: (r["variant"], r["ratio"])).items()}
+    return {
+        k: math.exp(sum(r["nll"] for r in g) / sum(r["tokens"] for r in g))
+        for k, g in _group(chosen, lambda r: (r["variant"], r["ratio"])).items()
+    }
 
 
 def kept_fractions(rows: Sequence[Row], task: str) -> dict[Cell, float]:
     """Mean physical fraction of the cache kept (kept + summaries over the full cache)."""
-    return {k: sum(r["kept"] for r in g) / len(g)
-            for k, g in _group(select(list(rows), task), lambda r: (r["variant"], r["ratio"])).items()}
+    return {
+        k: sum(r["kept"] for r in g) / len(g)
+        for k, g in _group(select(list(rows), task), lambda r: (r["variant"], r["ratio"])).items()
+    }
 
 
 def hit_rates(rows: Sequence[Row]) -> dict[Cell, tuple[int, int]]:
     """(hits, cases) per (variant, ratio)."""
-    return {k: (sum(r["hit"] for r in g), len(g))
-            for k, g in _group(select(list(rows), "needle"), lambda r: (r["variant"], r["ratio"])).items()}
+    return {
+        k: (sum(r["hit"] for r in g), len(g))
+        for k, g in _group(
+            select(list(rows), "needle"), lambda r: (r["variant"], r["ratio"])
+        ).items()
+    }
 
 
 def reconstruction(rows: Sequence[Row], field: str = "relative") -> dict[Cell, float]:
     """Mean over documents and layers of the per-layer error `field` ("relative" or "mse")."""
     chosen = select(list(rows), "recon")
-    return {k: sum(sum(r[field]) / len(r[field]) for r in g) / len(g)
-            for k, g in _group(chosen, lambda r: (r["variant"], r["ratio"])).items()}
+    return {
+        k: sum(sum(r[field]) / len(r[field]) for r in g) / len(g)
+        for k, g in _group(chosen, lambda r: (r["variant"], r["ratio"])).items()
+    }
 
 
 def accounting(rows: Sequence[Row]) -> dict[Cell, str]:
     """Memory fractions "FAIR / REAL" per (variant, ratio), averaged over documents."""
     out = {}
     for k, g in _group(select(list(rows), "recon"), lambda r: (r["variant"], r["ratio"])).items():
-        out[k] = (f"{sum(r['fair'] for r in g) / len(g):.3f} / "
-                  f"{sum(r['real'] for r in g) / len(g):.4f}")
+        out[k] = (
+            f"{sum(r['fair'] for r in g) / len(g):.3f} / {sum(r['real'] for r in g) / len(g):.4f}"
+        )
     return out
 
 
 def per_layer_reconstruction(rows: Sequence[Row], ratio: float) -> dict[str, list[float]]:
     """Per variant, the relative error of each layer at `ratio`, averaged over documents."""
     out = {}
-    for variant, g in _group(select(list(rows), "recon", ratio=ratio),
-                             lambda r: r["variant"]).items():
-        out[variant] = [sum(vals) / len(vals) for vals in zip(*(r["relative"] for r in g))]
+    for variant, g in _group(
+        select(list(rows), "recon", ratio=ratio), lambda r: r["variant"]
+    ).items():
+        per_doc = [r["relative"] for r in g]
+        out[variant] = [sum(vals) / len(vals) for vals in zip(*per_doc, strict=True)]
     return out
 
 
@@ -101,15 +114,25 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
-def matrix(table: dict[Cell, Any], variants: Sequence[str], ratios: Sequence[float], spec: str,
-           reference: str = "none") -> str:
+def matrix(
+    table: dict[Cell, Any],
+    variants: Sequence[str],
+    ratios: Sequence[float],
+    spec: str,
+    reference: str = "none",
+) -> str:
     """A policy x keep-ratio markdown table; the full cache is the first row."""
-    lines = ["| policy | " + " | ".join(f"keep {r:g}" for r in ratios) + " |",
-             "|---|" + "---:|" * len(ratios)]
+    lines = [
+        "| policy | " + " | ".join(f"keep {r:g}" for r in ratios) + " |",
+        "|---|" + "---:|" * len(ratios),
+    ]
     ref = reference_value(table, reference)
     if ref is not None:
-        lines.append(f"| **full cache** (`{reference}`) | "
-                     + " | ".join(_fmt(ref, spec) for _ in ratios) + " |")
+        lines.append(
+            f"| **full cache** (`{reference}`) | "
+            + " | ".join(_fmt(ref, spec) for _ in ratios)
+            + " |"
+        )
     for v in variants:
         if v == reference:
             continue
@@ -134,39 +157,55 @@ def headline(rows: Sequence[Row], ratio: float = HEADLINE_RATIO) -> list[str]:
     full_hits = reference_value(hits)
     variants = variant_order(rows)
     wanted = [v for v in variants if v.split(" ")[0] in ENTROPY_POLICIES + BASELINES]
-    out = [f"At keep ratio {ratio:g} (all policies at equal real memory: kept + summary tokens "
-           "count alike):", "",
-           "| policy | kept | PPL | vs full | needle hits | recon. rel. error |",
-           "|---|---:|---:|---:|---:|---:|",
-           f"| full cache | 1.000 | {_fmt(full_ppl, '.3f')} | – | {_fmt(full_hits, '')} | 0 |"]
+    out = [
+        f"At keep ratio {ratio:g} (all policies at equal real memory: kept + summary tokens "
+        "count alike):",
+        "",
+        "| policy | kept | PPL | vs full | needle hits | recon. rel. error |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| full cache | 1.000 | {_fmt(full_ppl, '.3f')} | – | {_fmt(full_hits, '')} | 0 |",
+    ]
     for v in wanted:
         c = (v, ratio)
-        out.append(f"| {v} | {_fmt(kept.get(c), '.3f')} | {_fmt(ppl.get(c), '.3f')} | "
-                   f"{_rel(ppl.get(c), full_ppl)} | {_fmt(hits.get(c), '')} | "
-                   f"{_fmt(recon.get(c), '.4f')} |")
+        out.append(
+            f"| {v} | {_fmt(kept.get(c), '.3f')} | {_fmt(ppl.get(c), '.3f')} | "
+            f"{_rel(ppl.get(c), full_ppl)} | {_fmt(hits.get(c), '')} | "
+            f"{_fmt(recon.get(c), '.4f')} |"
+        )
     out.append("")
     for v in [v for v in variants if v in ENTROPY_POLICIES]:
         out += _verdict(v, ratio, ppl, hits, full_ppl)
     return out
 
 
-def _verdict(v: str, ratio: float, ppl: dict[Cell, float], hits: dict[Cell, tuple[int, int]],
-             full_ppl: float | None) -> list[str]:
+def _verdict(
+    v: str,
+    ratio: float,
+    ppl: dict[Cell, float],
+    hits: dict[Cell, tuple[int, int]],
+    full_ppl: float | None,
+) -> list[str]:
     c = (v, ratio)
     parts = []
     if c in ppl and full_ppl:
         within = ppl[c] <= full_ppl * (1 + PPL_TOLERANCE)
-        parts.append(f"perplexity {ppl[c]:.3f} vs full {full_ppl:.3f} ({_rel(ppl[c], full_ppl)}): "
-                     f"{'within' if within else 'NOT within'} {PPL_TOLERANCE:.0%}")
+        parts.append(
+            f"perplexity {ppl[c]:.3f} vs full {full_ppl:.3f} ({_rel(ppl[c], full_ppl)}): "
+            f"{'within' if within else 'NOT within'} {PPL_TOLERANCE:.0%}"
+        )
     if c in hits:
         h, n = hits[c]
-        parts.append(f"needle {h}/{n} = {h / n:.0%}: "
-                     f"{'meets' if h / n >= NEEDLE_TARGET else 'BELOW'} the {NEEDLE_TARGET:.0%} target")
+        parts.append(
+            f"needle {h}/{n} = {h / n:.0%}: "
+            f"{'meets' if h / n >= NEEDLE_TARGET else 'BELOW'} the {NEEDLE_TARGET:.0%} target"
+        )
     for b in BASELINES:
         bc = (b, ratio)
         if c in ppl and bc in ppl:
-            parts.append(f"PPL {'better' if ppl[c] < ppl[bc] else 'WORSE'} than {b} "
-                         f"({ppl[c]:.3f} vs {ppl[bc]:.3f})")
+            parts.append(
+                f"PPL {'better' if ppl[c] < ppl[bc] else 'WORSE'} than {b} "
+                f"({ppl[c]:.3f} vs {ppl[bc]:.3f})"
+            )
         if c in hits and bc in hits:
             mine, theirs = hits[c][0] / hits[c][1], hits[bc][0] / hits[bc][1]
             word = "better" if mine > theirs else "equal" if mine == theirs else "WORSE"
@@ -183,23 +222,37 @@ def bias_ablation(rows: Sequence[Row]) -> list[str]:
         if not v.endswith(" (no bias)"):
             continue
         base = v.removesuffix(" (no bias)")
-        out += [f"`{base}` with and without the log(count) bias on its summary tokens:", "",
-                "| keep | PPL with bias | PPL without | needle with | needle without | "
-                "recon. with | recon. without |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        out += [
+            f"`{base}` with and without the log(count) bias on its summary tokens:",
+            "",
+            "| keep | PPL with bias | PPL without | needle with | needle without | "
+            "recon. with | recon. without |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         wins = 0
         for r in ratios:
             a, b = (base, r), (v, r)
             if a in ppl and b in ppl:
                 wins += ppl[a] < ppl[b]
-            out.append(f"| {r:g} | {_fmt(ppl.get(a), '.3f')} | {_fmt(ppl.get(b), '.3f')} | "
-                       f"{_fmt(hits.get(a), '')} | {_fmt(hits.get(b), '')} | "
-                       f"{_fmt(recon.get(a), '.4f')} | {_fmt(recon.get(b), '.4f')} |")
+            out.append(
+                f"| {r:g} | {_fmt(ppl.get(a), '.3f')} | {_fmt(ppl.get(b), '.3f')} | "
+                f"{_fmt(hits.get(a), '')} | {_fmt(hits.get(b), '')} | "
+                f"{_fmt(recon.get(a), '.4f')} | {_fmt(recon.get(b), '.4f')} |"
+            )
         measured = sum((base, r) in ppl and (v, r) in ppl for r in ratios)
         if measured:
-            verdict = ("the bias helps" if wins * 2 > measured else
-                       "the bias hurts" if wins * 2 < measured else "no clear winner")
-            out += ["", f"Lower perplexity with the bias at {wins} of {measured} keep ratios: "
-                        f"{verdict}.", ""]
+            verdict = (
+                "the bias helps"
+                if wins * 2 > measured
+                else "the bias hurts"
+                if wins * 2 < measured
+                else "no clear winner"
+            )
+            out += [
+                "",
+                f"Lower perplexity with the bias at {wins} of {measured} keep ratios: {verdict}.",
+                "",
+            ]
     return out
 
 
@@ -207,76 +260,123 @@ def stream_table(rows: Sequence[Row]) -> str:
     chosen = select(list(rows), "stream")
     if not chosen:
         return ""
-    lines = ["| policy | tokens seen | peak cached (tokens/layer) | final cached | final KV bytes "
-             "(bf16) | compressions | stream PPL |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| policy | tokens seen | peak cached (tokens/layer) | final cached | final KV bytes "
+        "(bf16) | compressions | stream PPL |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in chosen:
         pts = r["points"]
-        lines.append(f"| {r['variant']} | {pts[-1][0]:.0f} | {max(p[1] for p in pts):.0f} | "
-                     f"{pts[-1][1]:.0f} | {pts[-1][2] / 2**20:.1f} MiB | {r['compressions']} | "
-                     f"{math.exp(r['nll'] / max(1, r['tokens'])):.3f} |")
+        lines.append(
+            f"| {r['variant']} | {pts[-1][0]:.0f} | {max(p[1] for p in pts):.0f} | "
+            f"{pts[-1][1]:.0f} | {pts[-1][2] / 2**20:.1f} MiB | {r['compressions']} | "
+            f"{math.exp(r['nll'] / max(1, r['tokens'])):.3f} |"
+        )
     return "\n".join(lines)
 
 
-def write_results(path: Path, rows: Sequence[Row], meta: dict[str, Any], images: Sequence[str]) -> None:
+def write_results(
+    path: Path, rows: Sequence[Row], meta: dict[str, Any], images: Sequence[str]
+) -> None:
     """Write RESULTS.md: setup, headline, one table per measure, plots."""
     variants, ratios = variant_order(rows), ratios_of(rows)
     img = {Path(p).stem: p for p in images}
-    out = ["# Offline evaluation results", "",
-           "Generated by `python -m vllm_entropy_kv.eval` (HF transformers on CPU, no vLLM). "
-           "Re-running the command below rewrites this file and the plots.", "",
-           "## Setup", ""]
+    out = [
+        "# Offline evaluation results",
+        "",
+        "Generated by `python -m vllm_entropy_kv.eval` (HF transformers on CPU, no vLLM). "
+        "Re-running the command below rewrites this file and the plots.",
+        "",
+        "## Setup",
+        "",
+    ]
     out += [f"- **{k}**: {v}" for k, v in meta.items() if k != "settings"]
     out += ["- **settings**:"] + [f"  - {k}: {v}" for k, v in meta.get("settings", {}).items()]
-    out += ["", "Every policy gets the same memory: `Budget(keep=ratio)` tokens per layer on "
-            "average, and summary tokens (merged or synthetic) count like kept ones. The harness "
-            "re-plans with a smaller budget any policy whose kept + summary tokens would exceed "
-            "that (budget matching `real`); the *fraction actually held* table shows the result. "
-            "Bytes follow tokens: every token, real or synthetic, is one K/V slot. The `none` "
-            "row is the full cache.", ""]
+    out += [
+        "",
+        "Every policy gets the same memory: `Budget(keep=ratio)` tokens per layer on "
+        "average, and summary tokens (merged or synthetic) count like kept ones. The harness "
+        "re-plans with a smaller budget any policy whose kept + summary tokens would exceed "
+        "that (budget matching `real`); the *fraction actually held* table shows the result. "
+        "Bytes follow tokens: every token, real or synthetic, is one K/V slot. The `none` "
+        "row is the full cache.",
+        "",
+    ]
     if select(list(rows), "ppl") or select(list(rows), "needle"):
         out += ["## Headline", ""] + headline(rows) + [""]
     ablation = bias_ablation(rows)
     if ablation:
         out += ["## log(count) bias on summary tokens (Attention Matching)", ""] + ablation
     if select(list(rows), "ppl"):
-        out += ["## 1. Perplexity of a held-back continuation", "",
-                "Context compressed once at the end of its prefill, continuation scored over the "
-                "compressed cache (token-weighted over documents; lower is better).", ""]
-        for source, title in ((None, "All documents"), ("gutenberg", "Gutenberg plays"),
-                              ("britannica", "Britannica 1911 (PG-19 stand-in)")):
+        out += [
+            "## 1. Perplexity of a held-back continuation",
+            "",
+            "Context compressed once at the end of its prefill, continuation scored over the "
+            "compressed cache (token-weighted over documents; lower is better).",
+            "",
+        ]
+        for source, title in (
+            (None, "All documents"),
+            ("gutenberg", "Gutenberg plays"),
+            ("britannica", "Britannica 1911 (PG-19 stand-in)"),
+        ):
             table = perplexities(rows, source)
             if table:
                 out += [f"**{title}**", "", matrix(table, variants, ratios, ".3f"), ""]
-        out += ["**Fraction of the cache actually held** (kept + summaries)", "",
-                matrix(kept_fractions(rows, "ppl"), variants, ratios, ".3f"), ""]
+        out += [
+            "**Fraction of the cache actually held** (kept + summaries)",
+            "",
+            matrix(kept_fractions(rows, "ppl"), variants, ratios, ".3f"),
+            "",
+        ]
         out += _image(img, "ppl_vs_ratio")
     if select(list(rows), "needle"):
-        out += ["## 2. Needle in a haystack (Paul Graham essays)", "",
-                "Haystack compressed query-agnostically, question appended uncompressed, greedy "
-                "answer; a hit is the key phrase in the answer.", "",
-                matrix(hit_rates(rows), variants, ratios, ""), ""]
+        out += [
+            "## 2. Needle in a haystack (Paul Graham essays)",
+            "",
+            "Haystack compressed query-agnostically, question appended uncompressed, greedy "
+            "answer; a hit is the key phrase in the answer.",
+            "",
+            matrix(hit_rates(rows), variants, ratios, ""),
+            "",
+        ]
         out += _image(img, "needle_vs_ratio")
     if select(list(rows), "recon"):
-        out += ["## 3. Attention-output reconstruction error", "",
-                "Held-out queries (the first continuation tokens, computed with the full cache) "
-                "attend to the full and to the compressed prompt cache; error = MSE of the two "
-                "attention outputs relative to the mean square of the full output, averaged over "
-                "layers and documents (lower is better).", "",
-                matrix(reconstruction(rows), variants, ratios, ".4f"), "",
-                "Absolute MSE:", "",
-                matrix(reconstruction(rows, "mse"), variants, ratios, ".3e"), "",
-                "Memory held, **FAIR / REAL** as the SRC article accounts it (`policies.src`): "
-                "FAIR = effective tokens (kept + synthetic) over the full cache, REAL = bytes "
-                "(bf16 K/V + one 4-byte log-count per summary) over the full cache's bytes. "
-                "Policies that merge or summarise count their summaries against the budget, "
-                "so at equal keep ratio every row holds the same FAIR budget.", "",
-                matrix(accounting(rows), variants, ratios, ""), ""]
+        out += [
+            "## 3. Attention-output reconstruction error",
+            "",
+            "Held-out queries (the first continuation tokens, computed with the full cache) "
+            "attend to the full and to the compressed prompt cache; error = MSE of the two "
+            "attention outputs relative to the mean square of the full output, averaged over "
+            "layers and documents (lower is better).",
+            "",
+            matrix(reconstruction(rows), variants, ratios, ".4f"),
+            "",
+            "Absolute MSE:",
+            "",
+            matrix(reconstruction(rows, "mse"), variants, ratios, ".3e"),
+            "",
+            "Memory held, **FAIR / REAL** as the SRC article accounts it (`policies.src`): "
+            "FAIR = effective tokens (kept + synthetic) over the full cache, REAL = bytes "
+            "(bf16 K/V + one 4-byte log-count per summary) over the full cache's bytes. "
+            "Policies that merge or summarise count their summaries against the budget, "
+            "so at equal keep ratio every row holds the same FAIR budget.",
+            "",
+            matrix(accounting(rows), variants, ratios, ""),
+            "",
+        ]
         out += _image(img, "recon_vs_ratio") + _image(img, "recon_per_layer")
     if select(list(rows), "stream"):
-        out += ["## 4. Memory over a long stream", "",
-                "A long text fed in chunks; when the mean cached tokens per layer exceed the "
-                "budget, the policy compresses the whole cache (earlier summaries included) down "
-                "to a smaller size: the step pattern.", "", stream_table(rows), ""]
+        out += [
+            "## 4. Memory over a long stream",
+            "",
+            "A long text fed in chunks; when the mean cached tokens per layer exceed the "
+            "budget, the policy compresses the whole cache (earlier summaries included) down "
+            "to a smaller size: the step pattern.",
+            "",
+            stream_table(rows),
+            "",
+        ]
         out += _image(img, "memory_over_time")
     if select(list(rows), "profile"):
         out += ["## Entropy profile and per-layer budgets", ""]

@@ -25,8 +25,11 @@ from vllm_entropy_kv.eval.results import Row
 def cache_point(model: Model, kv: KVState) -> list[float]:
     """[tokens seen, mean physical tokens per layer, bytes as vLLM stores them (bf16)]."""
     physical = kv.physical_tokens() or [0]
-    return [kv.position, sum(physical) / len(physical),
-            sum(physical) * model.kv_bytes_per_token_layer]
+    return [
+        kv.position,
+        sum(physical) / len(physical),
+        sum(physical) * model.kv_bytes_per_token_layer,
+    ]
 
 
 def run_stream(
@@ -42,7 +45,7 @@ def run_stream(
     policies = build_policies(variants)
     window = widest_window(list(policies.values()))
     record = slice(None) if window is None else slice(-window, None)
-    chunks = [text_ids[:, i: i + chunk] for i in range(0, text_ids.shape[1] - 1, chunk)]
+    chunks = [text_ids[:, i : i + chunk] for i in range(0, text_ids.shape[1] - 1, chunk)]
     chunks = [c for c in chunks if c.shape[1] >= 2]
     progress = Progress("stream", len(variants) * len(chunks))
     rows: list[Row] = []
@@ -53,8 +56,9 @@ def run_stream(
         nll, tokens, compressions = 0.0, 0, 0
         for ids in chunks:
             m = ids.shape[1]
-            step = model.forward(ids, kv, record=record, use_bias=variant.use_bias,
-                                 logits=slice(0, m - 1))
+            step = model.forward(
+                ids, kv, record=record, use_bias=variant.use_bias, logits=slice(0, m - 1)
+            )
             assert step.logits is not None
             nll += float(F.cross_entropy(step.logits, ids[0, 1:], reduction="sum"))
             tokens += m - 1
@@ -66,10 +70,23 @@ def run_stream(
                 kv = apply_plans(layers, plans, kv.position, prior)
                 compressions += 1
                 points.append(cache_point(model, kv))
-            progress.step(f"{variant.label}: {points[-1][0]:.0f} seen, "
-                          f"{points[-1][1]:.0f} cached, stream ppl {torch.tensor(nll / tokens).exp():.2f}")
-        rows.append({"task": "stream", "variant": variant.label, "policy": variant.policy,
-                     "bias": variant.use_bias, "chunk": chunk, "budget_tokens": budget_tokens,
-                     "compress_to": compress_to, "points": points, "nll": nll, "tokens": tokens,
-                     "compressions": compressions})
+            progress.step(
+                f"{variant.label}: {points[-1][0]:.0f} seen, "
+                f"{points[-1][1]:.0f} cached, stream ppl {torch.tensor(nll / tokens).exp():.2f}"
+            )
+        rows.append(
+            {
+                "task": "stream",
+                "variant": variant.label,
+                "policy": variant.policy,
+                "bias": variant.use_bias,
+                "chunk": chunk,
+                "budget_tokens": budget_tokens,
+                "compress_to": compress_to,
+                "points": points,
+                "nll": nll,
+                "tokens": tokens,
+                "compressions": compressions,
+            }
+        )
     return rows

