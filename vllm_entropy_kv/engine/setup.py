@@ -7,12 +7,14 @@ to the engine core and workers, so every process sees the same, consistent confi
 from __future__ import annotations
 
 import functools
-import logging
+import os
 from typing import Any
+
+from vllm.logger import init_logger
 
 from vllm_entropy_kv.config import KVPolicyConfig
 
-logger = logging.getLogger(__name__)
+logger = init_logger(__name__)
 
 _WRAPPED_MARK = "_vllm_entropy_kv_wrapped"
 # Fine-grained reclamation: a layer frees whole blocks, so smaller blocks free more.
@@ -51,6 +53,9 @@ def prepare_engine_args(engine_args: Any, config: KVPolicyConfig) -> None:
     max_model_len = engine_args.create_model_config().max_model_len
     engine_args.max_num_batched_tokens = max(engine_args.max_num_batched_tokens or 0,
                                              max_model_len)
+    # vLLM reserves an extra CPU core per rank for any KV connector (NIXL needs one); ours
+    # moves no data, and a different core count would change the worker's numerics.
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(engine_args.tensor_parallel_size))
     engine_args.kv_transfer_config = KVTransferConfig(
         kv_connector=CONNECTOR_NAME,
         kv_connector_module_path="vllm_entropy_kv.engine.connector",
