@@ -174,11 +174,36 @@ def headline(rows: Sequence[Row], ratio: float = HEADLINE_RATIO) -> list[str]:
         )
     out.append("")
     for v in [v for v in variants if v in ENTROPY_POLICIES]:
-        out += _verdict(v, ratio, ppl, hits, full_ppl)
+        out += _verdict(rows, v, ratio, ppl, hits, full_ppl)
+    out += ["", "Best of all policies at this ratio: " + "; ".join(_leaders(rows, ratio)) + "."]
     return out
 
 
+def _leaders(rows: Sequence[Row], ratio: float) -> list[str]:
+    """Which variant does best on each measure at `ratio`."""
+    out = []
+    for what, table, best in (
+        ("lowest perplexity", perplexities(rows), min),
+        ("lowest reconstruction error", reconstruction(rows), min),
+        ("most needle hits", {k: h / n for k, (h, n) in hit_rates(rows).items()}, max),
+    ):
+        cells = {v: x for (v, r), x in table.items() if r == ratio and v != "none"}
+        if cells:
+            top = best(cells.values())
+            names = ", ".join(v for v, x in cells.items() if x == top)
+            out.append(f"{what}: {names} ({top:.4g})")
+    return out
+
+
+def document_wins(rows: Sequence[Row], a: str, b: str, ratio: float) -> tuple[int, int]:
+    """On how many documents variant `a` has a lower continuation NLL than `b` at `ratio`."""
+    nll = {(r["doc"], r["variant"]): r["nll"] for r in select(list(rows), "ppl", ratio=ratio)}
+    docs = sorted({d for d, v in nll if v == a} & {d for d, v in nll if v == b})
+    return sum(nll[(d, a)] < nll[(d, b)] for d in docs), len(docs)
+
+
 def _verdict(
+    rows: Sequence[Row],
     v: str,
     ratio: float,
     ppl: dict[Cell, float],
@@ -202,9 +227,10 @@ def _verdict(
     for b in BASELINES:
         bc = (b, ratio)
         if c in ppl and bc in ppl:
+            wins, docs = document_wins(rows, v, b, ratio)
             parts.append(
                 f"PPL {'better' if ppl[c] < ppl[bc] else 'WORSE'} than {b} "
-                f"({ppl[c]:.3f} vs {ppl[bc]:.3f})"
+                f"({ppl[c]:.3f} vs {ppl[bc]:.3f}; lower on {wins} of {docs} documents)"
             )
         if c in hits and bc in hits:
             mine, theirs = hits[c][0] / hits[c][1], hits[bc][0] / hits[bc][1]
@@ -225,18 +251,19 @@ def bias_ablation(rows: Sequence[Row]) -> list[str]:
         out += [
             f"`{base}` with and without the log(count) bias on its summary tokens:",
             "",
-            "| keep | PPL with bias | PPL without | needle with | needle without | "
-            "recon. with | recon. without |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
+            "| keep | PPL with bias | PPL without | documents lower with bias | needle with | "
+            "needle without | recon. with | recon. without |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         wins = 0
         for r in ratios:
             a, b = (base, r), (v, r)
             if a in ppl and b in ppl:
                 wins += ppl[a] < ppl[b]
+            docs_won, docs = document_wins(rows, base, v, r)
             out.append(
                 f"| {r:g} | {_fmt(ppl.get(a), '.3f')} | {_fmt(ppl.get(b), '.3f')} | "
-                f"{_fmt(hits.get(a), '')} | {_fmt(hits.get(b), '')} | "
+                f"{docs_won}/{docs} | {_fmt(hits.get(a), '')} | {_fmt(hits.get(b), '')} | "
                 f"{_fmt(recon.get(a), '.4f')} | {_fmt(recon.get(b), '.4f')} |"
             )
         measured = sum((base, r) in ppl and (v, r) in ppl for r in ratios)
@@ -381,8 +408,30 @@ def write_results(
     if select(list(rows), "profile"):
         out += ["## Entropy profile and per-layer budgets", ""]
         out += _image(img, "entropy_heatmap") + _image(img, "layer_budgets")
+    out += ["## Caveats", ""] + caveats(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out).rstrip() + "\n")
+
+
+def caveats(rows: Sequence[Row]) -> list[str]:
+    """What the numbers can and cannot say, with this run's sample sizes."""
+    docs = sorted({r["doc"] for r in select(list(rows), "ppl")})
+    needles = {(r["target_length"], r["depth"]) for r in select(list(rows), "needle")}
+    return [
+        f"- One small model (SmolLM2-135M) and small samples: {len(docs)} perplexity "
+        f"document(s), {len(needles)} needle case(s) per cell. A needle cell moves in steps of "
+        f"{1 / max(1, len(needles)):.0%}; perplexity differences of a few tenths between "
+        "policies are within the spread between documents (compare the per-source tables).",
+        "- The needle test is query-agnostic, as kvpress measures it: the haystack is compressed "
+        "before the question exists, so the observation window (the end of the haystack) says "
+        "nothing about the needle. Query-aware use (question inside the window) is easier.",
+        "- Every policy keeps the first 4 (sink) and last 32 (recent) prompt tokens "
+        "(`Budget` defaults) and uses block size 1; vLLM's block rounding is not applied here.",
+        "- Reconstruction error uses the true next-token queries of the full-cache model, one "
+        "layer at a time (errors do not compound); perplexity and the needle include the "
+        "compounding through the layers.",
+        "",
+    ]
 
 
 def _image(images: dict[str, str], stem: str) -> list[str]:
