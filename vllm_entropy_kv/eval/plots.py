@@ -50,13 +50,17 @@ def _vs_ratio(
     path: Path,
     log: bool = False,
     percent: bool = False,
+    unit_range: bool = False,
+    target: tuple[float, str] | None = None,
 ) -> str:
     variants, ratios = report.variant_order(rows), report.ratios_of(rows)
     style = _style(variants)
     fig, ax = plt.subplots(figsize=(8.5, 5))
     ref = report.reference_value(table)
-    if ref is not None:
+    if ref is not None and not (log and ref <= 0):
         ax.axhline(ref, color="black", linestyle=":", linewidth=1.5, label="full cache")
+    if target is not None:
+        ax.axhline(target[0], color="grey", linestyle="--", linewidth=1, label=target[1])
     for v in variants:
         pts = [(r, table[(v, r)]) for r in ratios if (v, r) in table]
         if v == "none" or not pts:
@@ -70,6 +74,7 @@ def _vs_ratio(
         ax.set_yscale("log")
     if percent:
         ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    if unit_range:
         ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9)
@@ -77,19 +82,33 @@ def _vs_ratio(
 
 
 def ppl_vs_ratio(rows: Sequence[Row], path: Path) -> str:
+    """Perplexity as the increase over the full cache (0 = as good as no compression)."""
+    ppl = report.perplexities(rows)
+    full = report.reference_value(ppl)
+    table = {k: v / full - 1 for k, v in ppl.items()} if full else ppl
     return _vs_ratio(
-        report.perplexities(rows),
+        table,
         rows,
-        "perplexity (lower is better)",
-        "Continuation perplexity after a compressed context",
+        f"perplexity increase over the full cache ({full:.2f})" if full else "perplexity",
+        "Continuation perplexity after a compressed context (lower is better)",
         path,
-        log=True,
+        percent=bool(full),
+        target=(report.PPL_TOLERANCE, f"{report.PPL_TOLERANCE:.0%} target") if full else None,
     )
 
 
 def needle_vs_ratio(rows: Sequence[Row], path: Path) -> str:
     table = {k: h / n for k, (h, n) in report.hit_rates(rows).items()}
-    return _vs_ratio(table, rows, "needle hit rate", "Needle in a haystack", path, percent=True)
+    return _vs_ratio(
+        table,
+        rows,
+        "needle hit rate",
+        "Needle in a haystack (query-agnostic compression)",
+        path,
+        percent=True,
+        unit_range=True,
+        target=(report.NEEDLE_TARGET, f"{report.NEEDLE_TARGET:.0%} target"),
+    )
 
 
 def recon_vs_ratio(rows: Sequence[Row], path: Path) -> str:
