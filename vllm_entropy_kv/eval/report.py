@@ -427,6 +427,9 @@ def caveats(rows: Sequence[Row]) -> list[str]:
         "nothing about the needle. Query-aware use (question inside the window) is easier.",
         "- Every policy keeps the first 4 (sink) and last 32 (recent) prompt tokens "
         "(`Budget` defaults) and uses block size 1; vLLM's block rounding is not applied here.",
+        "- Perplexity of the text that directly follows the context rewards keeping recent "
+        "tokens (the last lines predict the next words best), which favours StreamingLLM; the "
+        "reconstruction error weighs whatever the next queries attend to, wherever it is.",
         "- Reconstruction error uses the true next-token queries of the full-cache model, one "
         "layer at a time (errors do not compound); perplexity and the needle include the "
         "compounding through the layers.",
