@@ -106,6 +106,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile-policies", type=_names, help=f"({','.join(DEFAULT_PROFILE_POLICIES)})"
     )
     p.add_argument(
+        "--needle-mode",
+        choices=("agnostic", "aware", "both"),
+        default="agnostic",
+        help="question appended after compression (agnostic, default, as kvpress) or inside "
+        "the compressed prompt (aware)",
+    )
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows already in <out>/img/results.json and replace only the kinds of "
+        "rows this run produces (e.g. add a query-aware needle run)",
+    )
+    p.add_argument(
         "--replot",
         action="store_true",
         help="rebuild RESULTS.md and plots from <out>/img/results.json, run nothing",
@@ -157,6 +170,11 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _kind(row: dict[str, Any]) -> tuple[str, str | None]:
+    """What a row measures, for --append: its task, and the mode of a needle row."""
+    return row["task"], row.get("mode", "agnostic") if row["task"] == "needle" else None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -216,12 +234,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     rows_v = variants(policies, args.bias_ablation)
     rows: list[dict[str, Any]] = []
+    previous = load_rows(json_path) if args.append and json_path.exists() else None
 
     def checkpoint() -> list[str]:
         meta["wall time"] = f"{(time.monotonic() - clock) / 60:.1f} min"
-        save_rows(json_path, rows, meta)
-        images = plots.all_plots(rows, img)
-        write_results(out / "RESULTS.md", rows, meta, [os.path.relpath(p, out) for p in images])
+        all_rows, all_meta = rows, meta
+        if previous is not None:
+            produced = {_kind(r) for r in rows}
+            all_rows = [r for r in previous[0] if _kind(r) not in produced] + rows
+            all_meta = {
+                **previous[1],
+                "appended run": f"`{meta['command']}` on {meta['date']} ({meta['wall time']})",
+            }
+        save_rows(json_path, all_rows, all_meta)
+        images = plots.all_plots(all_rows, img)
+        write_results(
+            out / "RESULTS.md", all_rows, all_meta, [os.path.relpath(p, out) for p in images]
+        )
         return images
 
     docs = perplexity_documents(
@@ -243,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             match=args.match,
         )
         checkpoint()
-    if "needle" in args.tasks:
+    modes = {"agnostic": [False], "aware": [True], "both": [False, True]}[args.needle_mode]
+    for query_aware in modes if "needle" in args.tasks else []:
         rows += run_needle(
             model,
             rows_v,
@@ -252,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             size["needle_depths"],
             max_new_tokens=size["needle_max_new"],
             match=args.match,
+            query_aware=query_aware,
         )
         checkpoint()
     if "stream" in args.tasks:

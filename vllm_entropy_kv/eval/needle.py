@@ -52,8 +52,12 @@ def insert_needle(haystack: str, needle: str, depth: float) -> str:
     )
 
 
-def build_prompt(model: Model, haystack: str, length: int, depth: float) -> NeedlePrompt:
-    """A chat prompt whose compressed part is about `length` tokens long."""
+def build_prompt(
+    model: Model, haystack: str, length: int, depth: float, query_aware: bool = False
+) -> NeedlePrompt:
+    """A chat prompt whose compressed part is about `length` tokens long. Query-agnostic (the
+    default): the compressed part ends with the haystack. Query-aware: it also holds the
+    question and the end of the user turn, so the observation window sees the question."""
     tok = model.tokenizer
     marker = "\u0000HAYSTACK\u0000"
 
@@ -67,6 +71,9 @@ def build_prompt(model: Model, haystack: str, length: int, depth: float) -> Need
     content = insert_needle(hay, NEEDLE, depth)
     rendered = render(content)
     cut = rendered.index(content) + len(content)
+    if query_aware:
+        cut = rendered.index(QUESTION, cut) + len(QUESTION)
+        cut = rendered.index("\n", cut) if "\n" in rendered[cut:] else cut
     return NeedlePrompt(
         context=model.encode(rendered[:cut]),
         question=model.encode(rendered[cut:]),
@@ -114,17 +121,20 @@ def run_needle(
     *,
     max_new_tokens: int = 20,
     match: Match = "real",
+    query_aware: bool = False,
 ) -> list[Row]:
-    """One row of task "needle" per (length, depth, variant, ratio)."""
+    """One row of task "needle" per (length, depth, variant, ratio); `mode` says whether the
+    question was inside the compressed prompt ("aware") or appended after it ("agnostic")."""
     policies = build_policies(variants)
     window = widest_window(list(policies.values()))
     haystack = essays_text()
     todo = cases(variants, ratios)
-    progress = Progress("needle", len(lengths) * len(depths) * len(todo))
+    mode = "aware" if query_aware else "agnostic"
+    progress = Progress(f"needle ({mode})", len(lengths) * len(depths) * len(todo))
     rows: list[Row] = []
     for length in lengths:
         for depth in depths:
-            prompt = build_prompt(model, haystack, length, depth)
+            prompt = build_prompt(model, haystack, length, depth, query_aware)
             n = prompt.context.shape[1]
             pf = prefill(model, prompt.context, window)
             layers = pf.observations(None)
@@ -137,6 +147,7 @@ def run_needle(
                 rows.append(
                     {
                         "task": "needle",
+                        "mode": mode,
                         "length": n,
                         "target_length": length,
                         "depth": depth,

@@ -56,13 +56,16 @@ def kept_fractions(rows: Sequence[Row], task: str) -> dict[Cell, float]:
     }
 
 
-def hit_rates(rows: Sequence[Row]) -> dict[Cell, tuple[int, int]]:
-    """(hits, cases) per (variant, ratio)."""
+def needle_rows(rows: Sequence[Row], mode: str = "agnostic") -> list[Row]:
+    """Needle rows of one mode: "agnostic" (question after compression) or "aware"."""
+    return [r for r in select(list(rows), "needle") if r.get("mode", "agnostic") == mode]
+
+
+def hit_rates(rows: Sequence[Row], mode: str = "agnostic") -> dict[Cell, tuple[int, int]]:
+    """(hits, cases) per (variant, ratio) for one needle mode."""
     return {
         k: (sum(r["hit"] for r in g), len(g))
-        for k, g in _group(
-            select(list(rows), "needle"), lambda r: (r["variant"], r["ratio"])
-        ).items()
+        for k, g in _group(needle_rows(rows, mode), lambda r: (r["variant"], r["ratio"])).items()
     }
 
 
@@ -151,7 +154,7 @@ def _rel(value: float | None, ref: float | None) -> str:
 
 def headline(rows: Sequence[Row], ratio: float = HEADLINE_RATIO) -> list[str]:
     """The questions the project asks, answered with the numbers (lines of markdown)."""
-    ppl, hits = perplexities(rows), hit_rates(rows)
+    ppl, hits, aware = perplexities(rows), hit_rates(rows), hit_rates(rows, "aware")
     recon, kept = reconstruction(rows), kept_fractions(rows, "ppl")
     full_ppl = reference_value(ppl)
     full_hits = reference_value(hits)
@@ -161,16 +164,18 @@ def headline(rows: Sequence[Row], ratio: float = HEADLINE_RATIO) -> list[str]:
         f"At keep ratio {ratio:g} (all policies at equal real memory: kept + summary tokens "
         "count alike):",
         "",
-        "| policy | kept | PPL | vs full | needle hits | recon. rel. error |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| full cache | 1.000 | {_fmt(full_ppl, '.3f')} | – | {_fmt(full_hits, '')} | 0 |",
+        "| policy | kept | PPL | vs full | needle hits | needle hits, query-aware | "
+        "recon. rel. error |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| full cache | 1.000 | {_fmt(full_ppl, '.3f')} | – | {_fmt(full_hits, '')} | "
+        f"{_fmt(reference_value(aware), '')} | 0 |",
     ]
     for v in wanted:
         c = (v, ratio)
         out.append(
             f"| {v} | {_fmt(kept.get(c), '.3f')} | {_fmt(ppl.get(c), '.3f')} | "
             f"{_rel(ppl.get(c), full_ppl)} | {_fmt(hits.get(c), '')} | "
-            f"{_fmt(recon.get(c), '.4f')} |"
+            f"{_fmt(aware.get(c), '')} | {_fmt(recon.get(c), '.4f')} |"
         )
     out.append("")
     for v in [v for v in variants if v in ENTROPY_POLICIES]:
@@ -357,7 +362,7 @@ def write_results(
             "",
         ]
         out += _image(img, "ppl_vs_ratio")
-    if select(list(rows), "needle"):
+    if needle_rows(rows):
         out += [
             "## 2. Needle in a haystack (Paul Graham essays)",
             "",
@@ -368,6 +373,15 @@ def write_results(
             "",
         ]
         out += _image(img, "needle_vs_ratio")
+    if needle_rows(rows, "aware"):
+        out += [
+            "**Query-aware variant**: the question and the end of the user turn are part of "
+            "the compressed prompt (so the observation window holds the question); only the "
+            "assistant header is appended. Fewer cases and policies (see the command).",
+            "",
+            matrix(hit_rates(rows, "aware"), variants, ratios, ""),
+            "",
+        ]
     if select(list(rows), "recon"):
         out += [
             "## 3. Attention-output reconstruction error",
@@ -416,7 +430,7 @@ def write_results(
 def caveats(rows: Sequence[Row]) -> list[str]:
     """What the numbers can and cannot say, with this run's sample sizes."""
     docs = sorted({r["doc"] for r in select(list(rows), "ppl")})
-    needles = {(r["target_length"], r["depth"]) for r in select(list(rows), "needle")}
+    needles = {(r["target_length"], r["depth"]) for r in needle_rows(rows)}
     return [
         f"- One small model (SmolLM2-135M) and small samples: {len(docs)} perplexity "
         f"document(s), {len(needles)} needle case(s) per cell. A needle cell moves in steps of "

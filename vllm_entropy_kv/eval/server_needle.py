@@ -1,0 +1,73 @@
+"""Needle in a haystack through a running server (OpenAI chat API).
+
+The same needle, question and haystack as the offline test (`eval/needle.py`). Through the
+server the whole prompt is compressed at the end of its prefill, so the question, which ends
+the prompt, sits in the recent window and in the observation window (query-aware, as SnapKV
+measures), unlike the offline test where the question comes after the compressed context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import requests
+
+from vllm_entropy_kv import assets
+from vllm_entropy_kv.eval.needle import KEY_PHRASE, NEEDLE, QUESTION, insert_needle
+from vllm_entropy_kv.eval.texts import essays_text
+
+
+@dataclass(frozen=True)
+class NeedleResult:
+    length: int
+    depth: float
+    hit: bool
+    answer: str
+
+
+@lru_cache(maxsize=1)
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(assets.model_dir()))
+
+
+def needle_message(length: int, depth: float) -> str:
+    """A user message of about `length` tokens: haystack with the needle, then the question."""
+    tokenizer = _tokenizer()
+    room = length - len(tokenizer.encode(NEEDLE + QUESTION)) - 16
+    haystack = tokenizer.decode(tokenizer.encode(essays_text())[:room])
+    return f"{insert_needle(haystack, NEEDLE, depth)}\n\n{QUESTION}"
+
+
+def ask(url: str, model: str, message: str, extra_body: dict | None = None) -> str:
+    response = requests.post(
+        f"{url}/v1/chat/completions",
+        timeout=600,
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": message}],
+            "temperature": 0,
+            "max_tokens": 32,
+            **(extra_body or {}),
+        },
+    )
+    response.raise_for_status()
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def run_server_needle(
+    url: str,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    model: str = assets.SERVED_MODEL_NAME,
+    extra_body: dict | None = None,
+) -> list[NeedleResult]:
+    results = []
+    for length in lengths:
+        for depth in depths:
+            answer = ask(url, model, needle_message(length, depth), extra_body)
+            results.append(NeedleResult(length, depth, KEY_PHRASE in answer.lower(), answer))
+    return results
