@@ -1,16 +1,26 @@
-"""Shared fixtures: one real `vllm serve` per test session, started on first use."""
+"""Real `vllm serve` processes for the tests, each started on first use and shared.
+
+Servers are module-scoped where only one module needs them, so no more than a few run at
+once on a 24 GiB machine; the `none` server is shared by the whole session.
+"""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from vllm_entropy_kv.engine.setup import comparison_flags
 from vllm_entropy_kv.launch import VllmServer
 
 LOG_DIR = Path(__file__).resolve().parent.parent / "reports" / "test-logs"
+MAX_MODEL_LEN = 8192
+# The scheduling every policy imposes, given to `none` and stock servers too so that
+# outputs compare token for token.
+SAME_SCHEDULING = comparison_flags(MAX_MODEL_LEN)
+TEST_KV_GIB = "1"
 
 
 def free_port() -> int:
@@ -19,8 +29,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(
+    name: str,
+    policy: str | None,
+    extra_args: Sequence[str] = (),
+    extra_env: dict[str, str] | None = None,
+) -> VllmServer:
+    return VllmServer(
+        LOG_DIR / f"server-{name}.log",
+        port=free_port(),
+        policy=policy,
+        extra_args=list(extra_args),
+        kv_cache_gib=TEST_KV_GIB,
+        extra_env=extra_env,
+    ).start()
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[VllmServer]:
     """The plugin loaded with `--kv-policy none` (stock vLLM behaviour)."""
-    with VllmServer(LOG_DIR / "server-none.log", port=free_port(), policy="none") as srv:
-        yield srv
+    srv = start_server("none", "none", SAME_SCHEDULING)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def entropy_server() -> Iterator[VllmServer]:
+    """`--kv-policy entropy --kv-budget 0.25`."""
+    srv = start_server("entropy", "entropy", ["--kv-budget", "0.25"])
+    yield srv
+    srv.stop()

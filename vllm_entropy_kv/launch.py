@@ -65,6 +65,9 @@ def serve_environment(kv_cache_gib: str | None = None) -> dict[str, str]:
     )
     # No model hub on these machines; never try to reach one.
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # One core for the engine core's busy loop, the rest for the worker: vLLM's default,
+    # pinned so that servers with and without a KV connector run the same thread count.
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
     return env
 
 
@@ -79,12 +82,13 @@ class VllmServer:
         extra_args: Sequence[str] = (),
         kv_cache_gib: str | None = None,
         startup_timeout_s: float = 600,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.port = port
         self.url = f"http://{DEFAULT_HOST}:{port}"
         self.log_path = log_path
         self.command = serve_command(port=port, policy=policy, extra_args=extra_args)
-        self.env = serve_environment(kv_cache_gib)
+        self.env = {**serve_environment(kv_cache_gib), **(extra_env or {})}
         self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen[bytes] | None = None
 

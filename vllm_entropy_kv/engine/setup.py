@@ -63,6 +63,18 @@ def prepare_engine_args(engine_args: Any, config: KVPolicyConfig) -> None:
     )
 
 
+def comparison_flags(max_model_len: int) -> list[str]:
+    """`vllm serve` flags that give a `none` server the scheduling a policy imposes
+    (`prepare_engine_args`), so outputs can be compared token for token."""
+    return [
+        "--block-size", str(COMPRESSION_BLOCK_SIZE),
+        "--no-enable-prefix-caching",
+        "--no-enable-chunked-prefill",
+        "--no-async-scheduling",
+        "--max-num-batched-tokens", str(max_model_len),
+    ]
+
+
 def check_model(vllm_config: Any, config: KVPolicyConfig) -> None:
     hf_config = vllm_config.model_config.hf_text_config
     reasons = []
