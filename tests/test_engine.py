@@ -78,6 +78,8 @@ def test_entropy_keeps_needle_retrieval(server, entropy_server) -> None:
     compressed = run_server_needle(entropy_server.url, [3000], depths)
     full_hits = sum(r.hit for r in full)
     compressed_hits = sum(r.hit for r in compressed)
+    print(f"needle 3000 tokens, depths {depths}: none {full_hits}/{len(depths)}, "
+          f"entropy@0.25 {compressed_hits}/{len(depths)}")
     assert full_hits > 0, [r.answer for r in full]
     assert compressed_hits >= 0.8 * full_hits, (
         f"entropy@0.25 {compressed_hits}/{len(depths)} vs none {full_hits}/{len(depths)}: "
