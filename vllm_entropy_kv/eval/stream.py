@@ -4,7 +4,8 @@ A long text is fed in chunks. After each chunk the cache's size is recorded; whe
 budget (mean tokens per layer), the policy compresses it to a smaller size, observing the last
 chunk's queries against everything cached (earlier summaries included, with their bias). Each
 chunk is also scored (next-token NLL inside the chunk, over the cache as it stands), so the
-stream's perplexity shows what the memory savings cost.
+stream's perplexity shows what the memory savings cost. See `recompress` for how layers of
+different lengths are compressed again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from vllm_entropy_kv.eval.model import Model
 from vllm_entropy_kv.eval.plans import Variant, build_policies, make_plans, widest_window
 from vllm_entropy_kv.eval.progress import Progress
 from vllm_entropy_kv.eval.results import Row
+from vllm_entropy_kv.policies import KVPolicy, LayerObservation, LayerPlan
 
 
 def cache_point(model: Model, kv: KVState) -> list[float]:
@@ -30,6 +32,22 @@ def cache_point(model: Model, kv: KVState) -> list[float]:
         sum(physical) / len(physical),
         sum(physical) * model.kv_bytes_per_token_layer,
     ]
+
+
+def recompress(policy: KVPolicy, layers: list[LayerObservation], tokens: int) -> list[LayerPlan]:
+    """Plans that bring the cache to `tokens` per layer on average.
+
+    While every layer holds the same tokens, the policy plans all layers at once (its own
+    per-layer allocation). Once a policy with per-layer budgets has compressed, layers differ in
+    length, which the policy contract does not allow in one call: each layer is then planned on
+    its own at the same keep fraction, so the allocation of the first compression is kept in
+    proportion.
+    """
+    lengths = [obs.num_tokens for obs in layers]
+    if len(set(lengths)) == 1:
+        return make_plans(policy, layers, float(tokens)).plans
+    fraction = min(1.0, tokens * len(lengths) / sum(lengths))
+    return [make_plans(policy, [obs], fraction).plans[0] for obs in layers]
 
 
 def run_stream(
@@ -66,7 +84,7 @@ def run_stream(
             if not variant.is_reference and points[-1][1] > budget_tokens:
                 layers = observations(step.records, None)
                 prior = [kv.layer_bias(i) for i in range(len(layers))]
-                plans = make_plans(policy, layers, float(compress_to)).plans
+                plans = recompress(policy, layers, compress_to)
                 kv = apply_plans(layers, plans, kv.position, prior)
                 compressions += 1
                 points.append(cache_point(model, kv))
