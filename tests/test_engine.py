@@ -89,10 +89,10 @@ def test_entropy_keeps_needle_retrieval(server, entropy_server) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_server() -> Iterator[VllmServer]:
-    """Compression on, KV pool of 5,000 per-layer blocks (~5.3k tokens of full KV):
-    16 concurrent requests cannot all fit, so some are preempted."""
-    srv = start_server("tiny", "entropy", ["--kv-budget", "0.25", "--num-gpu-blocks-override",
-                                           "5000"])
+    """Compression on, KV pool of 5,000 per-layer blocks (~5.3k tokens of full KV, so the
+    model length is cut to 4096): 16 concurrent requests cannot all fit, some are preempted."""
+    srv = start_server("tiny", "entropy", ["--kv-budget", "0.25", "--max-model-len", "4096",
+                                           "--num-gpu-blocks-override", "5000"])
     yield srv
     srv.stop()
 
