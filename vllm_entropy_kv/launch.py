@@ -31,6 +31,8 @@ CPU_DEFAULT_FLAGS: tuple[str, ...] = (
     "--enforce-eager",
 )
 DEFAULT_KV_CACHE_GIB = "2"
+# Our entry points: the general plugin (flags, engine) and the endpoint plugin.
+VLLM_PLUGIN_NAMES: tuple[str, ...] = ("entropy_kv", "entropy_kv_api")
 
 
 def vllm_executable() -> str:
@@ -68,6 +70,10 @@ def serve_environment(kv_cache_gib: str | None = None) -> dict[str, str]:
     # One core for the engine core's busy loop, the rest for the worker: vLLM's default,
     # pinned so that servers with and without a KV connector run the same thread count.
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    # vLLM loads endpoint plugins (GET /v1/kv-policy) only when VLLM_PLUGINS names them, and
+    # VLLM_PLUGINS then filters the general plugins too: name both of ours, keep any others.
+    names = [n for n in env.get("VLLM_PLUGINS", "").split(",") if n.strip()]
+    env["VLLM_PLUGINS"] = ",".join(names + [n for n in VLLM_PLUGIN_NAMES if n not in names])
     return env
 
 

@@ -23,9 +23,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm_entropy_kv.config import KVPolicyConfig
 from vllm_entropy_kv.engine.spec import LayerFullAttentionSpec
 from vllm_entropy_kv.engine.worker import CompressionReport, compression_worker
+from vllm_entropy_kv.metrics import EntropyKVPromMetrics, EntropyKVStats, build_stats
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
     from vllm.forward_context import ForwardContext
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
@@ -64,6 +71,13 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
             for group_id, group in enumerate(groups)
             if isinstance(group.kv_cache_spec, LayerFullAttentionSpec)
         }
+        # Metrics: KV bytes one freed block of a layer held (block size x K/V bytes per token).
+        self.block_bytes_of_layer = {
+            group.kv_cache_spec.layer_idx: group.kv_cache_spec.page_size_bytes
+            for group in groups
+            if isinstance(group.kv_cache_spec, LayerFullAttentionSpec)
+        }
+        self._scheduler_stats = EntropyKVStats()
         if role == KVConnectorRole.WORKER:
             compression_worker().configure(
                 self.config, vllm_config.cache_config.block_size, len(self.group_of_layer)
@@ -114,12 +128,45 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
         if not isinstance(meta, CompressionReports) or self._kv_cache_manager is None:
             return
         managers = self._kv_cache_manager.coordinator.single_type_managers
+        pool = self._kv_cache_manager.block_pool
         for req_id, report in meta.reports.items():
             for layer_idx, (first, last) in report.freed_ranges.items():
                 manager = managers[self.group_of_layer[layer_idx]]
+                free_before = pool.get_num_free_blocks()
                 # Nulls the entries and returns the blocks to the shared pool; the list
                 # keeps its logical length, so decode appends at logical positions.
                 manager._remove_blocks_in_range(req_id, first, last)
+                freed = pool.get_num_free_blocks() - free_before
+                self._scheduler_stats.record_freed(
+                    self.config.policy, freed, freed * self.block_bytes_of_layer[layer_idx]
+                )
+
+    # Metrics: vLLM's KV-connector stats pipeline (see vllm_entropy_kv/metrics.py).
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self._role == KVConnectorRole.WORKER:
+            return compression_worker().take_stats()
+        if self._scheduler_stats.is_empty():
+            return None
+        stats, self._scheduler_stats = self._scheduler_stats, EntropyKVStats()
+        return stats
+
+    @classmethod
+    def build_kv_connector_stats(
+        cls, data: dict[str, Any] | None = None
+    ) -> KVConnectorStats | None:
+        return build_stats(data)
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        return EntropyKVPromMetrics(
+            vllm_config, metric_types, labelnames, per_engine_labelvalues
+        )
 
     def request_finished(self, request: Request, block_ids: list[int]):
         return False, None

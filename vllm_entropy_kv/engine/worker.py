@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from vllm_entropy_kv.config import KVPolicyConfig
+from vllm_entropy_kv.metrics import EntropyKVStats
 from vllm_entropy_kv.policies import KVPolicy, LayerObservation, get_policy
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,38 @@ class CompressionReport:
     kept_tokens: dict[int, int]
     freed_ranges: dict[int, BlockRange]
     seconds: float
+    # Stats only (metrics): tokens in the cache when compressed (the prompt; the tail beyond
+    # `num_tokens` stays in place), and each layer's entropy if the policy computed it.
+    prompt_tokens: int = 0
+    layer_entropy: dict[int, float] = field(default_factory=dict)
+
+
+class EntropyTap:
+    """Keeps the per-layer attention entropies a scoring policy computes anyway (the entropy
+    policy scores with `attention_stats(entropy=True)`), for the metrics; wraps the policy
+    instance's `score` and changes nothing it returns. Policies that do not compute entropy
+    report none: recomputing it would cost about as much as their whole plan."""
+
+    def __init__(self) -> None:
+        self.values: dict[int, float] = {}
+
+    def install(self, policy: KVPolicy) -> None:
+        score = getattr(policy, "score", None)
+        if score is None:
+            return
+
+        def tapped(obs: LayerObservation, layer_idx: int):
+            scores = score(obs, layer_idx)
+            stats = getattr(scores, "stats", None)
+            if stats is not None and getattr(stats, "head_entropy", None) is not None:
+                self.values[layer_idx] = stats.layer_entropy
+            return scores
+
+        policy.score = tapped  # type: ignore[method-assign]
+
+    def take(self) -> dict[int, float]:
+        values, self.values = self.values, {}
+        return values
 
 
 class CompressionWorker:
@@ -81,10 +114,14 @@ class CompressionWorker:
         self.freed: dict[str, dict[int, BlockRange]] = {}
         self.pending: dict[str, PendingCompression] = {}
         self.reports: dict[str, CompressionReport] = {}
+        self.stats = EntropyKVStats()
+        self.entropy_tap = EntropyTap()
 
     def configure(self, config: KVPolicyConfig, block_size: int, num_layers: int) -> None:
         self.config = config
         self.policy = get_policy(config.policy) if config.enabled else None
+        if self.policy is not None:
+            self.entropy_tap.install(self.policy)
         self.block_size = block_size
         self.num_layers = num_layers
 
@@ -152,11 +189,13 @@ class CompressionWorker:
                 logger.warning("vllm-entropy-kv: %s captured %d of %d layers; not compressed",
                                req_id, len(request.layers), self.num_layers)
                 continue
+            self.entropy_tap.take()
             started = time.perf_counter()
             report = self._compact_request(request)
             report.seconds = time.perf_counter() - started
             self.freed[req_id] = report.freed_ranges
             self.reports[req_id] = report
+            self._record_stats(req_id, request, report)
 
     def _compact_request(self, request: PendingCompression) -> CompressionReport:
         from vllm import _custom_ops as ops
@@ -199,6 +238,31 @@ class CompressionWorker:
             )
             freed[layer_idx] = (m // block, n // block)
         return CompressionReport(n, kept, freed, seconds=0.0)
+
+    def _record_stats(
+        self, req_id: str, request: PendingCompression, report: CompressionReport
+    ) -> None:
+        """Metrics only: what this compression did, for the connector's stats."""
+        assert self.config is not None
+        runner = self._runner() if self._runner is not None else None
+        state = getattr(runner, "requests", {}).get(req_id) if runner is not None else None
+        # Before sampling, the runner's request holds exactly the tokens just prefilled.
+        report.prompt_tokens = max(getattr(state, "num_tokens", 0), report.num_tokens)
+        layer_ids = sorted(request.layers)
+        report.layer_entropy = {
+            layer_ids[i]: value for i, value in self.entropy_tap.take().items()
+            if i < len(layer_ids)
+        }
+        self.stats.record_compression(
+            self.config.policy, report.prompt_tokens, report.num_tokens, report.kept_tokens,
+            report.seconds, report.layer_entropy,
+        )
+
+    def take_stats(self) -> EntropyKVStats | None:
+        if self.stats.is_empty():
+            return None
+        stats, self.stats = self.stats, EntropyKVStats()
+        return stats
 
     def take_reports(self) -> dict[str, CompressionReport]:
         reports, self.reports = self.reports, {}
