@@ -219,13 +219,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = load_model(dtype=getattr(torch, args.dtype), threads=args.threads)
     cfg = model.lm.config
     meta: dict[str, Any] = {
-        "command": "python -m vllm_entropy_kv.eval " + shlex.join(raw_argv),
+        "command": " ".join(["python -m vllm_entropy_kv.eval", shlex.join(raw_argv)]).strip(),
         "model": f"{model.path.name} ({cfg.num_hidden_layers} layers, {cfg.num_attention_heads} "
         f"query heads, {cfg.num_key_value_heads} KV heads, head_dim {model.head_dim}), "
         f"computed in {args.dtype}; KV bytes counted as bf16 "
         f"({model.kv_bytes_per_token_layer * cfg.num_hidden_layers / 1024:.1f} KiB/token)",
         "machine": f"{os.cpu_count()} CPUs (nproc), {cpu_model()}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), transformers {transformers_version}",
+        f"({torch.get_num_threads()} torch thread(s)), transformers {transformers_version}",
         "date": started.isoformat(timespec="seconds"),
         "policies": ", ".join(policies),
         "keep ratios": ", ".join(f"{r:g}" for r in args.ratios),

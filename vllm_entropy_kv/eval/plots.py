@@ -144,12 +144,14 @@ def memory_over_time(rows: Sequence[Row], path: Path) -> str:
     chosen = select(list(rows), "stream")
     style = _style([r["variant"] for r in chosen])
     fig, ax = plt.subplots(figsize=(9, 5))
-    for r in chosen:
+    # Policies with the same budget draw the same steps: wider lines first keep them visible.
+    widths = [1.5 + 1.2 * (len(chosen) - 1 - i) for i in range(len(chosen))]
+    for r, width in zip(chosen, widths, strict=True):
         seen = [p[0] for p in r["points"]]
         mib = [p[2] / 2**20 for p in r["points"]]
-        st = {**style[r["variant"]], "marker": None}
+        st = {**style[r["variant"]], "marker": None, "linewidth": width, "linestyle": "-"}
         if r["variant"] == "none":
-            st.update(color="black", linestyle=":")
+            st.update(color="black", linestyle=":", linewidth=1.5)
         ax.plot(seen, mib, label=r["variant"], **st)
     if chosen:
         first = chosen[0]
@@ -163,7 +165,10 @@ def memory_over_time(rows: Sequence[Row], path: Path) -> str:
         )
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("KV cache (MiB, bf16, all layers)")
-    ax.set_title("KV cache size over a long stream (compress when over budget)")
+    ax.set_title(
+        "KV cache size over a long stream (compress when over budget)\n"
+        "overlapping lines: policies holding the same memory"
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9)
     return _save(fig, path)

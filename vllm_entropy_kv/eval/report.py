@@ -239,8 +239,10 @@ def _verdict(
             )
         if c in hits and bc in hits:
             mine, theirs = hits[c][0] / hits[c][1], hits[bc][0] / hits[bc][1]
-            word = "better" if mine > theirs else "equal" if mine == theirs else "WORSE"
-            parts.append(f"needle {word} than {b} ({mine:.0%} vs {theirs:.0%})")
+            word = (
+                "better than" if mine > theirs else "equal to" if mine == theirs else "WORSE than"
+            )
+            parts.append(f"needle {word} {b} ({mine:.0%} vs {theirs:.0%})")
     return [f"- **{v}**: " + "; ".join(parts) + "."] if parts else []
 
 
