@@ -25,3 +25,22 @@ eval: install
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache
+
+# Load tests (loadtests/run.py): locust, headless, against a server started here (POLICY=,
+# VLLM_ARGS=) or URL=http://127.0.0.1:PORT; reports under reports/loadtest/.
+DURATION     ?= 60
+USERS        ?= 4
+PROFILE      ?= short
+SOAK_MINUTES ?= 5
+URL          ?=
+LOADTEST_ARGS = --users $(USERS) --profile $(PROFILE) --policy $(POLICY) \
+	$(if $(URL),--url $(URL),-- $(VLLM_ARGS))
+
+.PHONY: loadtest soak
+
+loadtest: install
+	$(PY) loadtests/run.py --duration $(DURATION) $(LOADTEST_ARGS)
+
+# Then checks: still healthy, vllm:kv_cache_usage_perc back to 0, RSS growth bounded.
+soak: install
+	$(PY) loadtests/run.py --soak-minutes $(SOAK_MINUTES) $(LOADTEST_ARGS)
