@@ -119,6 +119,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "rows this run produces (e.g. add a query-aware needle run)",
     )
     p.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="with --replot: add a note (an observation about this run) to results.json; "
+        "notes are listed in RESULTS.md",
+    )
+    p.add_argument(
         "--replot",
         action="store_true",
         help="rebuild RESULTS.md and plots from <out>/img/results.json, run nothing",
@@ -189,6 +196,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     json_path = img / "results.json"
     if args.replot:
         rows, meta = load_rows(json_path)
+        if args.note:
+            meta["notes"] = [*meta.get("notes", []), *args.note]
+            save_rows(json_path, rows, meta)
         images = plots.all_plots(rows, img)
         write_results(out / "RESULTS.md", rows, meta, [os.path.relpath(p, out) for p in images])
         return {"rows": rows, "meta": meta, "images": images}

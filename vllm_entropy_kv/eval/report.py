@@ -324,7 +324,7 @@ def write_results(
         "## Setup",
         "",
     ]
-    out += [f"- **{k}**: {v}" for k, v in meta.items() if k != "settings"]
+    out += [f"- **{k}**: {v}" for k, v in meta.items() if k not in ("settings", "notes")]
     out += ["- **settings**:"] + [f"  - {k}: {v}" for k, v in meta.get("settings", {}).items()]
     out += [
         "",
@@ -424,6 +424,8 @@ def write_results(
     if select(list(rows), "profile"):
         out += ["## Entropy profile and per-layer budgets", ""]
         out += _image(img, "entropy_heatmap") + _image(img, "layer_budgets")
+    if meta.get("notes"):
+        out += ["## Notes on this run", ""] + [f"- {note}" for note in meta["notes"]] + [""]
     out += ["## Caveats", ""] + caveats(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out).rstrip() + "\n")
