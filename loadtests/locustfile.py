@@ -31,6 +31,7 @@ import time
 from functools import lru_cache
 from typing import Any
 
+import gevent
 from locust import HttpUser, between, events
 
 from vllm_entropy_kv import assets
@@ -237,6 +238,14 @@ TASKS = {
     "mix": {**{t: 3 * w for t, w in SHORT_TASKS.items()}, **LONG_TASKS},
 }
 OpenAIUser.tasks = [task for task, weight in TASKS[PROFILE].items() for _ in range(weight)]
+
+
+@events.quit.add_listener
+def _last_csv_pass(**_kwargs: Any) -> None:
+    """Locust rewrites its CSV files once a second and closes them right after this event:
+    give its writer one more pass, so requests that ended in the last second are in them."""
+    gevent.sleep(1.5)
+
 
 if PROFILE != "short":
     long_sources()  # load the texts once, before any user starts
