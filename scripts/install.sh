@@ -37,4 +37,13 @@ else
     echo "[install] $VENV is up to date"
 fi
 
+# Prometheus, for the metrics tests and `python -m vllm_entropy_kv.dashboard`: Debian's package,
+# installed only when missing and only as root (others: install it yourself).
+if ! command -v prometheus >/dev/null && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "[install] installing prometheus (apt)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q prometheus >/dev/null \
+        || { apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null; }
+fi
+
 "$VENV/bin/python" -m vllm_entropy_kv.assets
