@@ -6,43 +6,12 @@ once on a 24 GiB machine; the `none` server is shared by the whole session.
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
+from servers import SAME_SCHEDULING, start_server
 
-from vllm_entropy_kv.engine.setup import comparison_flags
 from vllm_entropy_kv.launch import VllmServer
-
-LOG_DIR = Path(__file__).resolve().parent.parent / "reports" / "test-logs"
-MAX_MODEL_LEN = 8192
-# The scheduling every policy imposes, given to `none` and stock servers too so that
-# outputs compare token for token.
-SAME_SCHEDULING = comparison_flags(MAX_MODEL_LEN)
-TEST_KV_GIB = "1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(
-    name: str,
-    policy: str | None,
-    extra_args: Sequence[str] = (),
-    extra_env: dict[str, str] | None = None,
-) -> VllmServer:
-    return VllmServer(
-        LOG_DIR / f"server-{name}.log",
-        port=free_port(),
-        policy=policy,
-        extra_args=list(extra_args),
-        kv_cache_gib=TEST_KV_GIB,
-        extra_env=extra_env,
-    ).start()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import SAME_SCHEDULING, start_server
+from servers import SAME_SCHEDULING, start_server
 from helpers import complete, metric, prompt_of_words, wait_for_idle_cache
 
 from vllm_entropy_kv.assets import SERVED_MODEL_NAME

@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import requests
-from conftest import LOG_DIR, free_port
+from servers import LOG_DIR, free_port
 from helpers import complete, metric, prompt_of_words
 
 from vllm_entropy_kv import assets
