@@ -14,8 +14,10 @@ after the first, from the usage the server reports at the end of the stream). Th
 of a streamed request measures the whole stream, not only the response headers.
 
 Other knobs: `LOADTEST_MODEL` (default: the embedded model's served name),
-`LOADTEST_MAX_TOKENS` (default 48), `LOADTEST_LONG_WORDS` (default 2000 words per long
-prompt, about 3000 tokens). Per-request KV budgets are not sent: the server does not
+`LOADTEST_MAX_TOKENS` (default 48), `LOADTEST_LONG_WORDS` (default 1000 words per long
+prompt, about 1250 tokens: on the 2-core machine, busy with other jobs, `vllm serve` took
+about 37 s to answer one such prompt and 82 s for 2000 words, so keep runs of the `long`
+profile a few minutes long). Per-request KV budgets are not sent: the server does not
 support them yet.
 
 Run it through `loadtests/run.py` (`make loadtest`), or by hand:
@@ -42,7 +44,7 @@ if PROFILE not in PROFILES:
     raise SystemExit(f"LOADTEST_PROFILE={PROFILE!r}; valid: {', '.join(PROFILES)}")
 MODEL = os.environ.get("LOADTEST_MODEL", assets.SERVED_MODEL_NAME)
 MAX_TOKENS = int(os.environ.get("LOADTEST_MAX_TOKENS", "48"))
-LONG_WORDS = int(os.environ.get("LOADTEST_LONG_WORDS", "2000"))
+LONG_WORDS = int(os.environ.get("LOADTEST_LONG_WORDS", "1000"))
 METRIC = "METRIC"
 TIMEOUT_S = 300
 
