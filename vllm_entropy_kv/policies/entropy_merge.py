@@ -14,7 +14,6 @@ from vllm_entropy_kv.policies.selection import (
     LayerScores,
     complement,
     forced_mask,
-    keep_all,
     select_tokens,
 )
 
@@ -90,8 +89,6 @@ class EntropyMergePolicy(EntropyPolicy):
         self, obs: LayerObservation, scores: LayerScores, k: int, budget: Budget
     ) -> LayerPlan:
         n = obs.num_tokens
-        if k >= n:
-            return LayerPlan(keep=keep_all(n, obs.keys.device))
         slots = summary_slots(k, n, self.summary_fraction, budget)
         keep = select_tokens(scores.tokens, k - slots, budget.sink_tokens, budget.recent_tokens)
         if slots == 0 or scores.stats is None:

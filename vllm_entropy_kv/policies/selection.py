@@ -105,8 +105,11 @@ class ScorerPolicy(KVPolicy):
         n = prompt_length(layers)
         scores = [self.score(obs, i) for i, obs in enumerate(layers)]
         budgets = self.allocate(scores, budget, n)
+        # A layer whose budget covers the prompt keeps it whole, whatever the method.
         return [
-            self.plan_layer(obs, s, k, budget) for obs, s, k in zip(layers, scores, budgets)
+            LayerPlan(keep=keep_all(n, obs.keys.device)) if k >= n
+            else self.plan_layer(obs, s, k, budget)
+            for obs, s, k in zip(layers, scores, budgets)
         ]
 
 

@@ -18,7 +18,6 @@ from vllm_entropy_kv.policies.selection import (
     ScorerPolicy,
     complement,
     forced_mask,
-    keep_all,
     select_tokens,
 )
 from vllm_entropy_kv.policies.stats import (
@@ -308,8 +307,6 @@ class SRCPolicy(ScorerPolicy):
         self, obs: LayerObservation, scores: LayerScores, k: int, budget: Budget
     ) -> LayerPlan:
         n = obs.num_tokens
-        if k >= n:
-            return LayerPlan(keep=keep_all(n, obs.keys.device))
         forced = int(forced_mask(n, budget.sink_tokens, budget.recent_tokens).sum())
         rank = max(0, min(self.rank, k - forced))
         keep = select_tokens(scores.tokens, k - rank, budget.sink_tokens, budget.recent_tokens)
