@@ -72,9 +72,10 @@ def test_compacted_cache_reads_as_kept_tokens_plus_tail(policy: str) -> None:
     write(kv_cache, isa, keys, values, block_row, 0)
 
     worker = CompressionWorker()
-    worker.configure(KVPolicyConfig(policy=policy, budget=0.25), BLOCK, num_layers=1)
+    config = KVPolicyConfig(policy=policy, budget=0.25)
+    worker.configure(config, BLOCK, num_layers=1)
     layer = SimpleNamespace(isa=isa, _k_scale_float=1.0, _v_scale_float=1.0)
-    request = CaptureRequest("req-0", 0, worker.compressible_tokens(n), block_row)
+    request = CaptureRequest("req-0", 0, worker.compressible_tokens(n, config), block_row, config)
     worker.capture(request, 0, layer, queries, keys, values, kv_cache, SCALE, "auto")
     worker.compact()
     report = worker.take_reports()["req-0"]
@@ -103,6 +104,14 @@ def test_compacted_cache_reads_as_kept_tokens_plus_tail(policy: str) -> None:
 
 def test_short_prompts_are_not_compressed() -> None:
     worker = CompressionWorker()
-    worker.configure(KVPolicyConfig(policy="entropy"), BLOCK, num_layers=30)
-    assert worker.compressible_tokens(40) == 0
-    assert worker.compressible_tokens(10 * BLOCK + 5) == 10 * BLOCK
+    config = KVPolicyConfig(policy="entropy")
+    worker.configure(config, BLOCK, num_layers=30)
+    assert worker.compressible_tokens(40, config) == 0
+    assert worker.compressible_tokens(10 * BLOCK + 5, config) == 10 * BLOCK
+
+
+def test_a_request_choosing_none_is_not_compressed() -> None:
+    worker = CompressionWorker()
+    server = KVPolicyConfig(policy="entropy")
+    worker.configure(server, BLOCK, num_layers=30)
+    assert worker.compressible_tokens(10 * BLOCK, server.for_request({"kv_policy": "none"})) == 0

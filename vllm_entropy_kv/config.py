@@ -21,8 +21,18 @@ DEFAULT_POLICY = "none"
 ADDITIONAL_CONFIG_PREFIX = "kv_"
 
 
+REQUEST_ARGS_FIELD = "vllm_xargs"  # where an OpenAI request carries its own `kv_*` settings
+
+
 class KVPolicyConfigError(ValueError):
-    """A policy setting out of range; the message names the field and the valid values."""
+    """A policy setting out of range; the message names the field and the valid values.
+
+    field: the setting's `kv_*` name, or None when the error is about several settings.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -49,18 +59,24 @@ class KVPolicyConfig:
                 hint = " (it runs in the offline evaluation but is not served yet)"
             raise KVPolicyConfigError(
                 f"kv_policy: unknown or unsupported policy {self.policy!r}{hint}; "
-                f"valid: {', '.join(SERVED_POLICIES)}"
+                f"valid: {', '.join(SERVED_POLICIES)}",
+                "kv_policy",
             )
         if not self.budget > 0 or (self.budget > 1 and self.budget != int(self.budget)):
             raise KVPolicyConfigError(
                 f"kv_budget: {self.budget!r} is out of range; valid: a fraction in (0, 1] "
-                "or a whole number of tokens > 1"
+                "or a whole number of tokens > 1",
+                "kv_budget",
             )
         for name in ("sink_tokens", "recent_tokens"):
             if getattr(self, name) < 0:
-                raise KVPolicyConfigError(f"kv_{name}: must be >= 0, got {getattr(self, name)}")
+                raise KVPolicyConfigError(
+                    f"kv_{name}: must be >= 0, got {getattr(self, name)}", f"kv_{name}"
+                )
         if self.window < 1:
-            raise KVPolicyConfigError(f"kv_window: must be >= 1, got {self.window}")
+            raise KVPolicyConfigError(
+                f"kv_window: must be >= 1, got {self.window}", "kv_window"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -81,10 +97,13 @@ class KVPolicyConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> KVPolicyConfig:
         """Build from `{field: value}`, converting strings; unknown keys are an error."""
-        unknown = set(values) - set(cls.field_names())
+        unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
+            prefix = ADDITIONAL_CONFIG_PREFIX
             raise KVPolicyConfigError(
-                f"unknown KV policy setting(s) {sorted(unknown)}; valid: {cls.field_names()}"
+                f"unknown KV policy setting(s) {[prefix + name for name in unknown]}; "
+                f"valid: {[prefix + name for name in cls.field_names()]}",
+                prefix + unknown[0],
             )
         converted: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
@@ -96,23 +115,47 @@ class KVPolicyConfig:
                 converted[field.name] = kind(raw)
             except (TypeError, ValueError):
                 raise KVPolicyConfigError(
-                    f"kv_{field.name}: {raw!r} is not a valid {kind.__name__}"
+                    f"kv_{field.name}: {raw!r} is not a valid {kind.__name__}",
+                    f"kv_{field.name}",
                 ) from None
         return cls(**converted)
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> KVPolicyConfig:
         """Read the `kv_*` keys of vLLM's `additional_config`; other keys are not ours."""
-        prefix = ADDITIONAL_CONFIG_PREFIX
-        ours = {
-            key[len(prefix):]: value
-            for key, value in (additional_config or {}).items()
-            if key.startswith(prefix)
-        }
-        return cls.from_mapping(ours)
+        return cls.from_mapping(_our_settings(additional_config))
+
+    def for_request(self, extra_args: Mapping[str, Any] | None) -> KVPolicyConfig:
+        """This (server) config with a request's own `kv_*` settings on top.
+
+        `extra_args` is the request's `SamplingParams.extra_args` (the OpenAI field
+        `vllm_xargs`); its other keys are not ours. A server started with the policy `none`
+        has no compression set up (cache layout, scheduling), so a request cannot turn it on.
+        """
+        overrides = _our_settings(extra_args)
+        if not overrides:
+            return self
+        merged = self.from_mapping({**dataclasses.asdict(self), **overrides})
+        if merged.enabled and not self.enabled:
+            raise KVPolicyConfigError(
+                f"kv_policy: {merged.policy!r} needs a server started with a KV policy; this "
+                "one runs `--kv-policy none`, so compression is not set up (valid here: none)",
+                "kv_policy",
+            )
+        return merged
 
     def to_additional_config(self) -> dict[str, Any]:
         return {
             ADDITIONAL_CONFIG_PREFIX + name: value
             for name, value in dataclasses.asdict(self).items()
         }
+
+
+def _our_settings(values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`{field: value}` from the `kv_*` keys of a mapping."""
+    prefix = ADDITIONAL_CONFIG_PREFIX
+    return {
+        key[len(prefix):]: value
+        for key, value in (values or {}).items()
+        if key.startswith(prefix)
+    }

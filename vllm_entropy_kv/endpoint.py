@@ -1,4 +1,5 @@
-"""`GET /v1/kv-policy` on the vLLM API server: the active KV policy settings and live totals.
+"""`GET /v1/kv-policy` on the vLLM API server: the active KV policy settings and live totals;
+and the check of per-request KV settings (`vllm_entropy_kv.request_args`).
 
 A `vllm.endpoint_plugins` entry point (`entropy_kv_api`). vLLM loads endpoint plugins only
 when they are named in `VLLM_PLUGINS`, which also filters the general plugins, so the
@@ -22,6 +23,7 @@ from fastapi.responses import JSONResponse
 
 from vllm_entropy_kv import metrics
 from vllm_entropy_kv.config import KVPolicyConfig
+from vllm_entropy_kv.request_args import RequestArgsValidator
 
 PLUGIN_NAME = "entropy_kv_api"
 ROUTE = "/v1/kv-policy"
@@ -72,6 +74,7 @@ class KVPolicyEndpoint:
             return JSONResponse(policy_document(state.get("config"), state.get("block_size")))
 
         app.include_router(router)
+        app.add_middleware(RequestArgsValidator, server_config=_server_config)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         vllm_config = getattr(engine_client, "vllm_config", None)
@@ -85,6 +88,11 @@ class KVPolicyEndpoint:
             "block_size": getattr(cache_config, "block_size", None),
         })
         metrics.ensure_info_metric(config)
+
+
+def _server_config(scope: Any) -> KVPolicyConfig | None:
+    """The settings `init_state` stored, or None before it ran."""
+    return getattr(scope["app"].state, STATE_KEY, {}).get("config")
 
 
 def endpoint_plugin() -> KVPolicyEndpoint:

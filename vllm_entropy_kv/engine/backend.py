@@ -55,10 +55,12 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
                 # Computed from position 0 (new, or recomputed after preemption): any
                 # earlier compaction of this request is void.
                 worker.forget(req_id)
-                num_tokens = worker.compressible_tokens(query_len)
+                config = worker.request_config(req_id)
+                num_tokens = worker.compressible_tokens(query_len, config)
                 if num_tokens:
                     captures.append(CaptureRequest(
-                        req_id, query_start[row], num_tokens, cam.block_table_tensor[row]
+                        req_id, query_start[row], num_tokens, cam.block_table_tensor[row],
+                        config,
                     ))
             elif (freed := worker.freed.get(req_id, {}).get(self.layer_idx)) is not None:
                 virtual_rows[row] = freed

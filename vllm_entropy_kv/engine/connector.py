@@ -138,7 +138,7 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
                 manager._remove_blocks_in_range(req_id, first, last)
                 freed = pool.get_num_free_blocks() - free_before
                 self._scheduler_stats.record_freed(
-                    self.config.policy, freed, freed * self.block_bytes_of_layer[layer_idx]
+                    report.policy, freed, freed * self.block_bytes_of_layer[layer_idx]
                 )
 
     # Metrics: vLLM's KV-connector stats pipeline (see vllm_entropy_kv/metrics.py).

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from vllm_entropy_kv.config import KVPolicyConfig
+from vllm_entropy_kv.config import KVPolicyConfig, KVPolicyConfigError
 from vllm_entropy_kv.metrics import EntropyKVStats
 from vllm_entropy_kv.policies import KVPolicy, LayerObservation, get_policy
 
@@ -42,6 +42,7 @@ class CaptureRequest:
     token_start: int
     num_tokens: int  # compressible prefix: whole blocks only
     block_ids: torch.Tensor  # this layer's logical block row for the request
+    config: KVPolicyConfig  # the server's settings with the request's own on top
 
 
 @dataclass
@@ -56,6 +57,7 @@ class CapturedLayer:
 @dataclass
 class PendingCompression:
     num_tokens: int
+    config: KVPolicyConfig
     layers: dict[int, CapturedLayer] = field(default_factory=dict)
 
 
@@ -63,6 +65,7 @@ class PendingCompression:
 class CompressionReport:
     """What the worker did to one request: per layer, the block range it no longer reads."""
 
+    policy: str
     num_tokens: int
     kept_tokens: dict[int, int]
     freed_ranges: dict[int, BlockRange]
@@ -73,41 +76,13 @@ class CompressionReport:
     layer_entropy: dict[int, float] = field(default_factory=dict)
 
 
-class EntropyTap:
-    """Keeps the per-layer attention entropies a scoring policy computes anyway (the entropy
-    policy scores with `attention_stats(entropy=True)`), for the metrics; wraps the policy
-    instance's `score` and changes nothing it returns. Policies that do not compute entropy
-    report none: recomputing it would cost about as much as their whole plan."""
-
-    def __init__(self) -> None:
-        self.values: dict[int, float] = {}
-
-    def install(self, policy: KVPolicy) -> None:
-        score = getattr(policy, "score", None)
-        if score is None:
-            return
-
-        def tapped(obs: LayerObservation, layer_idx: int):
-            scores = score(obs, layer_idx)
-            stats = getattr(scores, "stats", None)
-            if stats is not None and getattr(stats, "head_entropy", None) is not None:
-                self.values[layer_idx] = stats.layer_entropy
-            return scores
-
-        policy.score = tapped  # type: ignore[method-assign]
-
-    def take(self) -> dict[int, float]:
-        values, self.values = self.values, {}
-        return values
-
-
 class CompressionWorker:
     """Per-worker-process state shared by the backend, the metadata builder and the
     connector (they are created separately by vLLM, so they meet here)."""
 
     def __init__(self) -> None:
-        self.config: KVPolicyConfig | None = None
-        self.policy: KVPolicy | None = None
+        self.config: KVPolicyConfig | None = None  # the server's defaults
+        self._policies: dict[str, KVPolicy] = {}
         self.block_size = 0
         self.num_layers = 0
         self._runner: weakref.ref[Any] | None = None
@@ -115,19 +90,21 @@ class CompressionWorker:
         self.pending: dict[str, PendingCompression] = {}
         self.reports: dict[str, CompressionReport] = {}
         self.stats = EntropyKVStats()
-        self.entropy_tap = EntropyTap()
 
     def configure(self, config: KVPolicyConfig, block_size: int, num_layers: int) -> None:
         self.config = config
-        self.policy = get_policy(config.policy) if config.enabled else None
-        if self.policy is not None:
-            self.entropy_tap.install(self.policy)
         self.block_size = block_size
         self.num_layers = num_layers
 
     @property
     def enabled(self) -> bool:
-        return self.policy is not None
+        """Whether the server set up compression (a request may still choose `none`)."""
+        return self.config is not None and self.config.enabled
+
+    def policy(self, name: str) -> KVPolicy:
+        if name not in self._policies:
+            self._policies[name] = get_policy(name)
+        return self._policies[name]
 
     def bind_runner(self, runner: Any) -> None:
         self._runner = weakref.ref(runner)
@@ -138,16 +115,30 @@ class CompressionWorker:
             raise RuntimeError("vllm-entropy-kv: the model runner was not bound")
         return list(runner.input_batch.req_ids[:num_reqs])
 
-    def min_tokens_to_compress(self) -> int:
-        """Prompts shorter than this are left alone: nothing could be freed."""
+    def request_config(self, req_id: str) -> KVPolicyConfig:
+        """The server's settings with the request's `kv_*` extra args on top. The API server
+        answers invalid ones with HTTP 400; a request that reaches the engine some other way
+        with invalid settings gets the server's, with a warning, rather than failing the batch.
+        """
         assert self.config is not None
-        floor = self.config.sink_tokens + self.config.recent_tokens
+        params = getattr(self._request_state(req_id), "sampling_params", None)
+        try:
+            return self.config.for_request(getattr(params, "extra_args", None))
+        except KVPolicyConfigError as e:
+            logger.warning("vllm-entropy-kv: %s: %s; using the server's settings", req_id, e)
+            return self.config
+
+    def min_tokens_to_compress(self, config: KVPolicyConfig) -> int:
+        """Prompts shorter than this are left alone: nothing could be freed."""
+        floor = config.sink_tokens + config.recent_tokens
         return max(2 * self.block_size, floor + self.block_size)
 
-    def compressible_tokens(self, prompt_tokens: int) -> int:
+    def compressible_tokens(self, prompt_tokens: int, config: KVPolicyConfig) -> int:
         """Whole blocks of the prompt; 0 if the request should not be compressed."""
+        if not config.enabled:
+            return 0
         num_tokens = prompt_tokens // self.block_size * self.block_size
-        return num_tokens if num_tokens >= self.min_tokens_to_compress() else 0
+        return num_tokens if num_tokens >= self.min_tokens_to_compress(config) else 0
 
     def forget(self, req_id: str) -> None:
         """Drop all state of a request (finished, or recomputed from scratch after preemption)."""
@@ -167,16 +158,17 @@ class CompressionWorker:
         kv_cache_dtype: str,
     ) -> None:
         """Keep what `layer_idx` saw of the request's prompt (copies: vLLM reuses buffers)."""
-        assert self.config is not None
         start, n = request.token_start, request.num_tokens
-        window = min(self.config.window, n)
+        window = min(request.config.window, n)
         observation = LayerObservation(
             queries=query[start + n - window : start + n].transpose(0, 1).contiguous(),
             keys=key[start : start + n].transpose(0, 1).contiguous(),
             values=value[start : start + n].transpose(0, 1).contiguous(),
             scale=scale,
         )
-        pending = self.pending.setdefault(request.req_id, PendingCompression(n))
+        pending = self.pending.setdefault(
+            request.req_id, PendingCompression(n, request.config)
+        )
         pending.layers[layer_idx] = CapturedLayer(
             observation, request.block_ids.clone(), kv_cache, layer, kv_cache_dtype
         )
@@ -189,30 +181,28 @@ class CompressionWorker:
                 logger.warning("vllm-entropy-kv: %s captured %d of %d layers; not compressed",
                                req_id, len(request.layers), self.num_layers)
                 continue
-            self.entropy_tap.take()
             started = time.perf_counter()
             report = self._compact_request(request)
             report.seconds = time.perf_counter() - started
             self.freed[req_id] = report.freed_ranges
             self.reports[req_id] = report
-            self._record_stats(req_id, request, report)
+            self._record_stats(req_id, report)
 
     def _compact_request(self, request: PendingCompression) -> CompressionReport:
         from vllm import _custom_ops as ops
 
-        assert self.policy is not None and self.config is not None
+        config = request.config
+        policy = self.policy(config.policy)
         layer_ids = sorted(request.layers)
         captured = [request.layers[i] for i in layer_ids]
-        plans = self.policy.plan(
-            [c.observation for c in captured], self.config.budget_for(self.block_size)
-        )
+        plans = policy.plan([c.observation for c in captured], config.budget_for(self.block_size))
         block, n = self.block_size, request.num_tokens
         kept: dict[int, int] = {}
         freed: dict[int, BlockRange] = {}
         for layer_idx, cap, plan in zip(layer_ids, captured, plans):
             if plan.summary_keys is not None:
                 raise NotImplementedError(
-                    f"policy {self.policy.name!r} adds summary tokens; the engine serves "
+                    f"policy {config.policy!r} adds summary tokens; the engine serves "
                     "eviction policies only"
                 )
             m = plan.num_physical
@@ -237,24 +227,26 @@ class CompressionWorker:
                 kv_cache_dtype=cap.kv_cache_dtype,
             )
             freed[layer_idx] = (m // block, n // block)
-        return CompressionReport(n, kept, freed, seconds=0.0)
-
-    def _record_stats(
-        self, req_id: str, request: PendingCompression, report: CompressionReport
-    ) -> None:
-        """Metrics only: what this compression did, for the connector's stats."""
-        assert self.config is not None
-        runner = self._runner() if self._runner is not None else None
-        state = getattr(runner, "requests", {}).get(req_id) if runner is not None else None
-        # Before sampling, the runner's request holds exactly the tokens just prefilled.
-        report.prompt_tokens = max(getattr(state, "num_tokens", 0), report.num_tokens)
-        layer_ids = sorted(request.layers)
-        report.layer_entropy = {
-            layer_ids[i]: value for i, value in self.entropy_tap.take().items()
-            if i < len(layer_ids)
+        entropies = {
+            layer_idx: plan.layer_entropy
+            for layer_idx, plan in zip(layer_ids, plans)
+            if plan.layer_entropy is not None
         }
+        return CompressionReport(config.policy, n, kept, freed, seconds=0.0,
+                                 layer_entropy=entropies)
+
+    def _request_state(self, req_id: str) -> Any:
+        """The runner's `CachedRequestState` of a request, or None."""
+        runner = self._runner() if self._runner is not None else None
+        return getattr(runner, "requests", {}).get(req_id) if runner is not None else None
+
+    def _record_stats(self, req_id: str, report: CompressionReport) -> None:
+        """Metrics only: what this compression did, for the connector's stats."""
+        # Before sampling, the runner's request holds exactly the tokens just prefilled.
+        state = self._request_state(req_id)
+        report.prompt_tokens = max(getattr(state, "num_tokens", 0), report.num_tokens)
         self.stats.record_compression(
-            self.config.policy, report.prompt_tokens, report.num_tokens, report.kept_tokens,
+            report.policy, report.prompt_tokens, report.num_tokens, report.kept_tokens,
             report.seconds, report.layer_entropy,
         )
 

@@ -71,12 +71,15 @@ class LayerPlan:
         appended after the kept ones, or None.
     summary_counts: [s] how many prompt tokens each synthetic token stands for; attention
         adds log(count) to its score so it keeps its mass (Attention Matching). None means 1.
+    layer_entropy: the layer's attention entropy in [0, 1] if the policy measured it
+        (reported in metrics; nobody recomputes it).
     """
 
     keep: torch.Tensor
     summary_keys: torch.Tensor | None = None
     summary_values: torch.Tensor | None = None
     summary_counts: torch.Tensor | None = None
+    layer_entropy: float | None = None
 
     @property
     def num_summaries(self) -> int:

@@ -106,11 +106,15 @@ class ScorerPolicy(KVPolicy):
         scores = [self.score(obs, i) for i, obs in enumerate(layers)]
         budgets = self.allocate(scores, budget, n)
         # A layer whose budget covers the prompt keeps it whole, whatever the method.
-        return [
+        plans = [
             LayerPlan(keep=keep_all(n, obs.keys.device)) if k >= n
             else self.plan_layer(obs, s, k, budget)
             for obs, s, k in zip(layers, scores, budgets)
         ]
+        for plan, s in zip(plans, scores):
+            if s.stats is not None and s.stats.head_entropy is not None:
+                plan.layer_entropy = s.stats.layer_entropy
+        return plans
 
 
 __all__ = [
