@@ -19,6 +19,7 @@ from vllm_entropy_kv.policies.budgets import (
     total_budget,
     uniform_budgets,
 )
+from vllm_entropy_kv.policies.selection import chunk_scores
 from vllm_entropy_kv.policies.stats import attention_stats, layer_entropies
 
 ALL = available_policies()
@@ -159,10 +160,25 @@ def spiky_layer(n: int, hot: list[int], window: int = 8, d: int = 8) -> LayerObs
 @pytest.mark.parametrize("name", ["topk", "snapkv", "entropy", "h2o", "pyramid"])
 def test_attention_policies_keep_the_attended_tokens(name: str) -> None:
     hot = [40, 77, 123]
-    # Room for the pooled neighbourhoods too (SnapKV smooths over kernel_size = 5 tokens).
-    budget = Budget(keep=24, sink_tokens=2, recent_tokens=4, block_size=1)
+    # Room for the pooled neighbourhoods (SnapKV smooths over 5 tokens) and for entropy's
+    # three 16-token chunks.
+    budget = Budget(keep=60, sink_tokens=2, recent_tokens=4, block_size=1)
     plan = get_policy(name).plan([spiky_layer(200, hot)], budget)[0]
     assert set(hot) <= set(plan.keep.tolist())
+
+
+def test_entropy_keeps_whole_chunks_around_attended_tokens() -> None:
+    budget = Budget(keep=38, sink_tokens=2, recent_tokens=4, block_size=1)
+    plan = get_policy("entropy", chunk_size=16).plan([spiky_layer(200, [40, 77])], budget)[0]
+    assert set(range(32, 48)) | set(range(64, 80)) <= set(plan.keep.tolist())
+    per_token = get_policy("entropy", chunk_size=1).plan([spiky_layer(200, [40, 77])], budget)[0]
+    assert not set(range(32, 48)) <= set(per_token.keep.tolist())
+
+
+def test_chunk_scores_average_each_chunk_and_skip_nan() -> None:
+    scores = torch.tensor([1.0, 3.0, float("nan"), 4.0, 6.0])
+    assert chunk_scores(scores, 2).tolist() == [2.0, 2.0, 4.0, 4.0, 6.0]
+    assert chunk_scores(scores, 1) is scores
 
 
 def test_snapkv_pooling_keeps_neighbours() -> None:

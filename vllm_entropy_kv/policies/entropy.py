@@ -8,7 +8,7 @@ from typing import ClassVar
 from vllm_entropy_kv.policies.base import Budget, LayerObservation
 from vllm_entropy_kv.policies.budgets import entropy_budgets
 from vllm_entropy_kv.policies.registry import register_policy
-from vllm_entropy_kv.policies.selection import LayerScores, ScorerPolicy
+from vllm_entropy_kv.policies.selection import LayerScores, ScorerPolicy, chunk_scores
 from vllm_entropy_kv.policies.stats import GroupReduce, attention_stats, layer_entropies
 
 
@@ -26,6 +26,7 @@ class EntropyPolicy(ScorerPolicy):
     exponent: budgets are proportional to entropy ** exponent (0 = uniform).
     min_fraction, max_fraction: per-layer clamps as fractions of the prompt length.
     group_reduce: how the query heads of one KV head combine ("mean", "max", "sum").
+    chunk_size: tokens are kept or dropped in chunks of this many positions (1: per token).
     """
 
     name: ClassVar[str] = "entropy"
@@ -34,10 +35,12 @@ class EntropyPolicy(ScorerPolicy):
     min_fraction: float = 0.0
     max_fraction: float = 1.0
     group_reduce: GroupReduce = "mean"
+    chunk_size: int = 16
 
     def score(self, obs: LayerObservation, layer_idx: int) -> LayerScores:
         stats = attention_stats(obs, self.observation_queries, entropy=True)
-        return LayerScores(stats.token_scores(self.group_reduce), stats)
+        return LayerScores(chunk_scores(stats.token_scores(self.group_reduce), self.chunk_size),
+                           stats)
 
     def allocate(self, scores: list[LayerScores], budget: Budget, n: int) -> list[int]:
         entropies = layer_entropies([s.stats for s in scores if s.stats is not None])

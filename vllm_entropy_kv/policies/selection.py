@@ -65,6 +65,21 @@ def select_tokens(
     return keep.sort().values.to(torch.int64)
 
 
+def chunk_scores(scores: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """[n] -> [n]: every token gets the mean score of its chunk (positions `[i*c, (i+1)*c)`),
+    so `select_tokens` keeps whole chunks (ChunkKV, Liu et al. 2025): a fact survives as a
+    phrase instead of scattered tokens. Only the chunk the budget ends in is split.
+    NaN scores are left out of the mean; `chunk_size` 1 returns the scores unchanged."""
+    if chunk_size <= 1:
+        return scores
+    n = scores.numel()
+    num_chunks = -(-n // chunk_size)
+    padded = torch.full((num_chunks * chunk_size,), float("nan"), device=scores.device)
+    padded[:n] = scores.float()
+    means = torch.nanmean(padded.view(num_chunks, chunk_size), dim=1)
+    return means.repeat_interleave(chunk_size)[:n]
+
+
 def complement(keep: torch.Tensor, n: int) -> torch.Tensor:
     """Sorted int64 positions in [0, n) not in `keep`."""
     mask = torch.ones(n, dtype=torch.bool, device=keep.device)
@@ -120,6 +135,7 @@ class ScorerPolicy(KVPolicy):
 __all__ = [
     "LayerScores",
     "ScorerPolicy",
+    "chunk_scores",
     "complement",
     "forced_mask",
     "keep_all",
