@@ -27,16 +27,19 @@ clean:
 	rm -rf .venv build *.egg-info .pytest_cache
 
 # Load tests (loadtests/run.py): locust, headless, against a server started here (POLICY=,
-# VLLM_ARGS=) or URL=http://127.0.0.1:PORT; reports under reports/loadtest/.
+# VLLM_ARGS=) or URL=http://127.0.0.1:PORT; reports under reports/loadtest/. KV_BUDGETS=0.1,0.5
+# sends per-request budgets (a policy server).
 DURATION     ?= 60
 USERS        ?= 4
 PROFILE      ?= short
 SOAK_MINUTES ?= 5
 URL          ?=
+KV_BUDGETS   ?=
 LOADTEST_ARGS = --users $(USERS) --profile $(PROFILE) --policy $(POLICY) \
+	$(if $(KV_BUDGETS),--kv-budgets $(KV_BUDGETS)) \
 	$(if $(URL),--url $(URL),-- $(VLLM_ARGS))
 
-.PHONY: loadtest soak
+.PHONY: loadtest soak loadtest-compare
 
 loadtest: install
 	$(PY) loadtests/run.py --duration $(DURATION) $(LOADTEST_ARGS)
@@ -44,3 +47,9 @@ loadtest: install
 # Then checks: still healthy, vllm:kv_cache_usage_perc back to 0, RSS growth bounded.
 soak: install
 	$(PY) loadtests/run.py --soak-minutes $(SOAK_MINUTES) $(LOADTEST_ARGS)
+
+# The same load against `none` and a policy in the same KV memory, one server at a time; writes
+# the table into docs/BENCHMARKS.md. Flags: COMPARE_ARGS="--users 8 --duration 300" (see --help).
+COMPARE_ARGS ?=
+loadtest-compare: install
+	$(PY) loadtests/compare.py $(COMPARE_ARGS)

@@ -17,8 +17,10 @@ Other knobs: `LOADTEST_MODEL` (default: the embedded model's served name),
 `LOADTEST_MAX_TOKENS` (default 48), `LOADTEST_LONG_WORDS` (default 1000 words per long
 prompt, about 1250 tokens: on the 2-core machine, busy with other jobs, `vllm serve` took
 about 37 s to answer one such prompt and 82 s for 2000 words, so keep runs of the `long`
-profile a few minutes long). Per-request KV budgets are not sent: the server does not
-support them yet.
+profile a few minutes long). `LOADTEST_KV_BUDGETS` (e.g. `0.1,0.25,0.5`): each request
+picks one of these budgets and sends it as its own (`vllm_xargs.kv_budget`; the server must
+run a KV policy); `LOADTEST_KV_POLICY` likewise sends `vllm_xargs.kv_policy`. Unset: the
+server's settings.
 
 Run it through `loadtests/run.py` (`make loadtest`), or by hand:
 `LOADTEST_PROFILE=mix locust -f loadtests/locustfile.py -H http://127.0.0.1:8000 --headless -u 4 -t 60s`
@@ -45,6 +47,10 @@ if PROFILE not in PROFILES:
 MODEL = os.environ.get("LOADTEST_MODEL", assets.SERVED_MODEL_NAME)
 MAX_TOKENS = int(os.environ.get("LOADTEST_MAX_TOKENS", "48"))
 LONG_WORDS = int(os.environ.get("LOADTEST_LONG_WORDS", "1000"))
+KV_BUDGETS = tuple(
+    float(b) for b in os.environ.get("LOADTEST_KV_BUDGETS", "").split(",") if b.strip()
+)
+KV_POLICY = os.environ.get("LOADTEST_KV_POLICY", "")
 METRIC = "METRIC"
 TIMEOUT_S = 300
 
@@ -125,6 +131,13 @@ class OpenAIUser(HttpUser):
             body["prompt"] = text
         if stream:
             body["stream_options"] = {"include_usage": True}
+        kv_settings: dict[str, Any] = {}
+        if KV_BUDGETS:
+            kv_settings["kv_budget"] = self.rng.choice(KV_BUDGETS)
+        if KV_POLICY:
+            kv_settings["kv_policy"] = KV_POLICY
+        if kv_settings:
+            body["vllm_xargs"] = kv_settings
         return body
 
     def request(self, endpoint: str, text: str, stream: bool, label: str) -> None:

@@ -40,6 +40,13 @@ PROFILES = ("short", "long", "mix")
 MAX_USERS = 64
 MAX_DURATION_S = 24 * 3600
 KV_USAGE = "vllm:kv_cache_usage_perc"
+# Server counters read before and after a run; their differences go into the result.
+COUNTERS = {
+    "generated_tokens": "vllm:generation_tokens_total",
+    "prompt_tokens": "vllm:prompt_tokens_total",
+    "preemptions": "vllm:num_preemptions_total",
+    "compressed_requests": "vllm_entropy_kv_requests_compressed_total",
+}
 RSS_SAMPLE_S = 5.0
 
 
@@ -172,6 +179,13 @@ def read_stats(prefix: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _float(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
 def _ms(value: str) -> str:
     try:
         return f"{float(value):.0f}"
@@ -204,11 +218,14 @@ def run(args: argparse.Namespace, url: str, pgid: int | None) -> int:
     name = args.name or f"{'soak' if soak else 'loadtest'}-{args.profile}-{args.policy}"
     prefix = args.out / name
     args.out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "LOADTEST_PROFILE": args.profile}
+    env = {**os.environ, "LOADTEST_PROFILE": args.profile,
+           "LOADTEST_KV_BUDGETS": args.kv_budgets}
     command = locust_command(url, args.users, args.spawn_rate, duration_s, prefix,
                              shlex.split(args.locust_args))
     print("+ " + " ".join(command), file=sys.stderr, flush=True)
 
+    counters_before = {key: metric(url, name) for key, name in COUNTERS.items()}
+    started = time.monotonic()
     sampler = RssSampler(pgid).start() if soak and pgid is not None else None
     # Bounded: locust stops itself after the run time; this is the backstop.
     timeout = duration_s + 300
@@ -221,6 +238,8 @@ def run(args: argparse.Namespace, url: str, pgid: int | None) -> int:
         if sampler is not None:
             sampler.stop()
 
+    elapsed_s = time.monotonic() - started
+    counted = {key: metric(url, name) - counters_before[key] for key, name in COUNTERS.items()}
     rows = read_stats(prefix)
     print(summary(rows))
     print(f"reports: {prefix}_stats.csv, {prefix}.html")
@@ -229,6 +248,12 @@ def run(args: argparse.Namespace, url: str, pgid: int | None) -> int:
         "duration_s": duration_s, "locust_exit_code": code,
         "requests": {r["Name"]: int(r["Request Count"]) for r in rows},
         "failures": {r["Name"]: int(r["Failure Count"]) for r in rows},
+        "p50_ms": {r["Name"]: _float(r["Median Response Time"]) for r in rows},
+        "p95_ms": {r["Name"]: _float(r["95%"]) for r in rows},
+        "types": {r["Name"]: r["Type"] for r in rows},
+        "elapsed_s": round(elapsed_s, 1),
+        **{key: round(value) for key, value in counted.items()},
+        "output_tokens_per_s": round(counted["generated_tokens"] / elapsed_s, 2),
     }
     problems = [] if code == 0 else [f"locust exited with {code} (failed requests?)"]
 
@@ -277,6 +302,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", choices=PROFILES, default="short")
     parser.add_argument("--policy", default="none",
                         help="--kv-policy of the server started here (label only with --url)")
+    parser.add_argument("--kv-budgets", default="",
+                        help="per-request budgets, e.g. 0.1,0.25,0.5 (each request picks one)")
     parser.add_argument("--soak-minutes", type=float, default=None,
                         help="soak for this long, then check health, KV usage and RSS")
     parser.add_argument("--max-rss-growth-mib", type=float, default=256,

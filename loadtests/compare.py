@@ -1,0 +1,115 @@
+"""The same locust load against `none` and a KV policy, side by side, in the same KV memory.
+
+Runs `loadtests/run.py` once per policy, one server at a time (each started here with the
+same `--kv-cache-gib` and vLLM flags), and writes a table to `docs/BENCHMARKS.md` between
+the markers of its section, so other sections of that file stay as they are:
+
+    python loadtests/compare.py --profile long --users 6 --duration 240 --kv-cache-gib 0.25
+    make loadtest-compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import run as loadtest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
+BEGIN, END = "<!-- loadtest-compare:begin -->", "<!-- loadtest-compare:end -->"
+
+
+def run_policy(args: argparse.Namespace, policy: str) -> dict:
+    name = f"compare-{args.profile}-{policy}"
+    argv = ["--profile", args.profile, "--users", str(args.users), "--duration",
+            str(args.duration), "--spawn-rate", str(args.users), "--policy", policy,
+            "--kv-cache-gib", args.kv_cache_gib, "--out", str(args.out), "--name", name]
+    if policy != "none":
+        argv += ["--", "--kv-budget", str(args.budget)]
+    code = loadtest.main(argv)
+    result = json.loads((args.out / f"{name}_result.json").read_text())
+    result["exit_code"] = code
+    return result
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def table(results: dict[str, dict]) -> str:
+    policies = list(results)
+    head = "| | " + " | ".join(f"`{p}`" for p in policies) + " |"
+    lines = [head, "|---|" + "---:|" * len(policies)]
+
+    def row(label: str, values: Sequence[str]) -> None:
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+
+    row("requests (all entries)", [str(sum(
+        n for name, n in r["requests"].items() if r["types"].get(name) != "METRIC"
+        and name != "Aggregated")) for r in results.values()])
+    row("failures", [str(sum(
+        n for name, n in r["failures"].items() if name != "Aggregated"))
+        for r in results.values()])
+    row("output tokens / s", [_fmt(r["output_tokens_per_s"], 2) for r in results.values()])
+    row("prompt tokens served", [str(r["prompt_tokens"]) for r in results.values()])
+    row("preemptions", [str(r["preemptions"]) for r in results.values()])
+    row("requests compressed", [str(r["compressed_requests"]) for r in results.values()])
+    names = sorted({n for r in results.values() for n in r["requests"] if n != "Aggregated"})
+    for name in names:
+        for key, label in (("p50_ms", "p50"), ("p95_ms", "p95")):
+            row(f"{name} {label} (ms)", [_fmt(r[key].get(name)) for r in results.values()])
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    old = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    section = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN in old and END in old:
+        new = old[: old.index(BEGIN)] + section + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + section + "\n"
+    BENCHMARKS.write_text(new)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=loadtest.PROFILES, default="long")
+    parser.add_argument("--users", type=int, default=6)
+    parser.add_argument("--duration", type=int, default=240, help="seconds per policy")
+    parser.add_argument("--policy", default="entropy", help="compared with none")
+    parser.add_argument("--budget", type=float, default=0.25)
+    parser.add_argument("--kv-cache-gib", default="0.25", help="the same for both servers")
+    parser.add_argument("--out", type=Path, default=loadtest.REPORTS)
+    parser.add_argument("--no-docs", action="store_true", help="print only, leave docs/")
+    args = parser.parse_args(argv)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results = {policy: run_policy(args, policy) for policy in ("none", args.policy)}
+    command = "python loadtests/compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = "\n".join([
+        "## Load test: `none` vs `{}` at {} (locust)".format(args.policy, args.budget),
+        "",
+        f"`{command.strip()}` on {started}: profile `{args.profile}`, {args.users} users, "
+        f"{args.duration} s per server, KV cache {args.kv_cache_gib} GiB "
+        f"(`VLLM_CPU_KVCACHE_SPACE`) for both, one server at a time; model "
+        f"SmolLM2-135M-Instruct (bf16, vLLM 0.32.0 CPU), machine {platform.machine()}, "
+        f"{len(os.sched_getaffinity(0))} cores. Latencies are of whole requests "
+        "(streams included); TTFT/TPOT rows are the locust METRIC entries.",
+        "",
+        table(results),
+    ])
+    print(text)
+    if not args.no_docs:
+        write_section(text)
+        print(f"written to {BENCHMARKS}")
+    return max(r["exit_code"] for r in results.values())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
