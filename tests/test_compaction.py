@@ -15,7 +15,14 @@ from vllm import _custom_ops as ops  # noqa: E402
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa  # noqa: E402
 
 from vllm_entropy_kv.config import KVPolicyConfig  # noqa: E402
+from vllm_entropy_kv.engine.summaries import (  # noqa: E402
+    bias_supported,
+    biased_decode_attention,
+    gather_kv,
+)
 from vllm_entropy_kv.engine.worker import CaptureRequest, CompressionWorker  # noqa: E402
+from vllm_entropy_kv.policies import Budget, LayerObservation, get_policy  # noqa: E402
+from vllm_entropy_kv.policies.stats import attention_output, compressed_kv  # noqa: E402
 
 BLOCK, HQ, HKV, D = 32, 9, 3, 64
 SCALE = D**-0.5
@@ -49,16 +56,13 @@ def kernel_attention(kv_cache, isa, query, block_row, seq_len):
     return output.float()
 
 
-def reference_attention(query, keys, values):
-    """softmax(q K^T) V per query head, GQA: head h reads KV head h // (HQ // HKV)."""
-    group = HQ // HKV
-    k = keys.float().repeat_interleave(group, dim=1)  # [t, HQ, D]
-    v = values.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("hd,thd->ht", query[0].float(), k) * SCALE
-    return torch.einsum("ht,thd->hd", scores.softmax(-1), v)[None]
+def reference_attention(query, keys, values, log_bias=None):
+    """[1, HQ, D] query over [HKV, t, D] keys/values (`attention_output`, GQA-aware)."""
+    out, _ = attention_output(query.transpose(0, 1), keys, values, SCALE, log_bias)
+    return out.transpose(0, 1)
 
 
-@pytest.mark.parametrize("policy", ["streaming", "snapkv", "entropy"])
+@pytest.mark.parametrize("policy", ["streaming", "snapkv", "entropy", "entropy-merge", "src"])
 def test_compacted_cache_reads_as_kept_tokens_plus_tail(policy: str) -> None:
     torch.manual_seed(0)
     isa = _get_attn_isa(torch.bfloat16, BLOCK, D)
@@ -84,22 +88,49 @@ def test_compacted_cache_reads_as_kept_tokens_plus_tail(policy: str) -> None:
     assert kept == first * BLOCK and last == prompt // BLOCK and kept < prompt
 
     # What the policy kept, recomputed: the same plan from the same observation.
-    from vllm_entropy_kv.policies import Budget, LayerObservation, get_policy
-
     observation = LayerObservation(
         queries=queries[prompt - 32 : prompt].transpose(0, 1),
         keys=keys[:prompt].transpose(0, 1), values=values[:prompt].transpose(0, 1),
         scale=SCALE,
     )
-    keep = get_policy(policy).plan([observation], Budget(0.25, block_size=BLOCK))[0].keep
-    assert keep.numel() == kept
+    plan = get_policy(policy).plan([observation], Budget(0.25, block_size=BLOCK))[0]
+    assert plan.num_physical == kept
+    slot_keys, slot_values, slot_bias = compressed_kv(observation, plan)
+    visible_keys = torch.cat([slot_keys, keys[prompt:].transpose(0, 1)], dim=1)
+    visible_values = torch.cat([slot_values, values[prompt:].transpose(0, 1)], dim=1)
 
     virtual_row = torch.cat([block_row[:first], block_row[last:]])
     query = torch.randn(1, HQ, D, dtype=torch.bfloat16)
+    # The stock kernel reads the kept tokens, the summaries (unbiased) and the tail.
     got = kernel_attention(kv_cache, isa, query, virtual_row, kept + tail)
-    visible = torch.cat([keep, torch.arange(prompt, n)])
-    want = reference_attention(query, keys[visible], values[visible])
+    want = reference_attention(query, visible_keys, visible_values)
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    if plan.num_summaries == 0:
+        assert "req-0" not in worker.log_bias
+        return
+    # Summaries: the backend's biased path gives them log(count), read from the same cache.
+    bias = worker.log_bias["req-0"][0]
+    torch.testing.assert_close(bias, slot_bias)
+    biased = biased_decode_attention(query, kv_cache, virtual_row, kept + tail, bias, SCALE)
+    want_biased = reference_attention(
+        query, visible_keys, visible_values, torch.cat([slot_bias, torch.zeros(tail)])
+    )
+    torch.testing.assert_close(biased, want_biased, atol=2e-2, rtol=2e-2)
+    assert not torch.allclose(biased, want, atol=2e-2, rtol=2e-2)
+
+
+def test_cache_reads_back_what_the_cache_op_wrote() -> None:
+    isa = _get_attn_isa(torch.bfloat16, BLOCK, D)
+    if not bias_supported(isa, "auto"):
+        pytest.skip(f"the biased path reads the 'vec' layout only; this machine uses {isa!r}")
+    keys = torch.randn(70, HKV, D, dtype=torch.bfloat16)
+    values = torch.randn(70, HKV, D, dtype=torch.bfloat16)
+    block_row = torch.tensor([4, 1, 3], dtype=torch.int32)
+    kv_cache = torch.zeros(6, HKV, BLOCK, 2 * D, dtype=torch.bfloat16)
+    write(kv_cache, isa, keys, values, block_row, 0)
+    got_keys, got_values = gather_kv(kv_cache, block_row, 70)
+    assert torch.equal(got_keys, keys.transpose(0, 1))
+    assert torch.equal(got_values, values.transpose(0, 1))
 
 
 def test_short_prompts_are_not_compressed() -> None:

@@ -27,6 +27,8 @@ FLAG_HELP: dict[str, str] = {
     "sink_tokens": "First prompt tokens always kept (attention sinks).",
     "recent_tokens": "Last prompt tokens always kept.",
     "window": "Observation window: the last prompt queries whose attention scores tokens.",
+    "merge_bias": "Give summary tokens (entropy-merge, src) a log(count) attention bias "
+    "(true/false).",
 }
 
 

@@ -16,7 +16,9 @@ from vllm_entropy_kv.policies import Budget, available_policies
 
 # Policies the engine serves today. The offline evaluation can run every registered policy;
 # a policy joins this list when it works end to end in `vllm serve`.
-SERVED_POLICIES: tuple[str, ...] = ("none", "entropy", "streaming", "snapkv", "pyramid")
+SERVED_POLICIES: tuple[str, ...] = (
+    "none", "entropy", "entropy-merge", "src", "streaming", "snapkv", "pyramid",
+)
 DEFAULT_POLICY = "none"
 ADDITIONAL_CONFIG_PREFIX = "kv_"
 
@@ -44,6 +46,8 @@ class KVPolicyConfig:
     sink_tokens: first prompt tokens always kept (attention sinks).
     recent_tokens: last prompt tokens always kept.
     window: observation window, the last prompt queries whose attention scores tokens.
+    merge_bias: summary tokens (entropy-merge, src) get log(count) added to their attention
+        scores, so each weighs like the tokens it stands for.
     """
 
     policy: str = DEFAULT_POLICY
@@ -51,6 +55,7 @@ class KVPolicyConfig:
     sink_tokens: int = 4
     recent_tokens: int = 32
     window: int = 32
+    merge_bias: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in SERVED_POLICIES:
@@ -110,12 +115,12 @@ class KVPolicyConfig:
             if field.name not in values or values[field.name] is None:
                 continue
             raw = values[field.name]
-            kind = {"str": str, "float": float, "int": int}[str(field.type)]
+            kind = {"str": str, "float": float, "int": int, "bool": _boolean}[str(field.type)]
             try:
                 converted[field.name] = kind(raw)
             except (TypeError, ValueError):
                 raise KVPolicyConfigError(
-                    f"kv_{field.name}: {raw!r} is not a valid {kind.__name__}",
+                    f"kv_{field.name}: {raw!r} is not a valid {field.type}",
                     f"kv_{field.name}",
                 ) from None
         return cls(**converted)
@@ -159,3 +164,15 @@ def _our_settings(values: Mapping[str, Any] | None) -> dict[str, Any]:
         for key, value in (values or {}).items()
         if key.startswith(prefix)
     }
+
+
+def _boolean(raw: Any) -> bool:
+    """A bool from JSON or the command line: true/false, 1/0, yes/no."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(raw)

@@ -19,6 +19,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from vllm_entropy_kv.engine.summaries import biased_decode_attention
 from vllm_entropy_kv.engine.worker import CaptureRequest, compression_worker
 
 
@@ -26,6 +27,8 @@ from vllm_entropy_kv.engine.worker import CaptureRequest, compression_worker
 class EntropyKVAttentionMetadata(CPUAttentionMetadata):
     layer_idx: int = -1
     captures: list[CaptureRequest] = field(default_factory=list)
+    # Batch rows whose layer holds summary tokens: row -> log(count) bias of its first slots.
+    biased_rows: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -49,6 +52,7 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
         seq_lens = cam.seq_lens[:num_reqs].tolist()
         captures: list[CaptureRequest] = []
         virtual_rows: dict[int, tuple[int, int]] = {}
+        biased_rows: dict[int, torch.Tensor] = {}
         for row, req_id in enumerate(req_ids):
             query_len = query_start[row + 1] - query_start[row]
             if seq_lens[row] == query_len:
@@ -64,6 +68,9 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
                     ))
             elif (freed := worker.freed.get(req_id, {}).get(self.layer_idx)) is not None:
                 virtual_rows[row] = freed
+                bias = worker.log_bias.get(req_id, {}).get(self.layer_idx)
+                if bias is not None:
+                    biased_rows[row] = bias
         if virtual_rows:
             cam = self._skip_freed_blocks(cam, virtual_rows)
         metadata = super().build(common_prefix_len, cam, fast_build)
@@ -71,6 +78,7 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
             **{f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)},
             layer_idx=self.layer_idx,
             captures=captures,
+            biased_rows=biased_rows,
         )
 
     def _skip_freed_blocks(
@@ -113,8 +121,29 @@ class EntropyKVAttentionImpl(CPUAttentionBackendImpl):
             for request in attn_metadata.captures:
                 worker.capture(request, attn_metadata.layer_idx, layer, query, key, value,
                                kv_cache, self.scale, self.kv_cache_dtype)
-        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                               output_scale, output_block_scale)
+        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                 output_scale, output_block_scale)
+        if isinstance(attn_metadata, EntropyKVAttentionMetadata) and attn_metadata.biased_rows:
+            self._biased_rows(query, kv_cache, attn_metadata, output)
+        return output
+
+    def _biased_rows(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: EntropyKVAttentionMetadata,
+        output: torch.Tensor,
+    ) -> None:
+        """Recompute the rows of requests with summary tokens with their log(count) bias
+        (the kernel computed them without it)."""
+        starts = metadata.query_start_loc.tolist()
+        rows_out = output.view(output.shape[0], query.shape[1], query.shape[2])
+        for row, bias in metadata.biased_rows.items():
+            first, last = starts[row], starts[row + 1]
+            rows_out[first:last] = biased_decode_attention(
+                query[first:last], kv_cache, metadata.block_table[row],
+                int(metadata.seq_lens[row]), bias, self.scale,
+            ).to(output.dtype)
 
 
 class EntropyKVAttentionBackend(CPUAttentionBackend):

@@ -75,6 +75,19 @@ def comparison_flags(max_model_len: int) -> list[str]:
     ]
 
 
+def check_platform(config: KVPolicyConfig) -> None:
+    """Compression lives in an override of the CPU attention backend; on any other platform
+    the policy would silently do nothing, so it is refused."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise UnsupportedWithPolicyError(
+            f"--kv-policy {config.policy}: KV compression runs on the CPU build of vLLM only "
+            f"(it extends the CPU_ATTN backend); this is a {current_platform.device_name} "
+            "platform: use --kv-policy none (the plugin then changes nothing)"
+        )
+
+
 def check_model(vllm_config: Any, config: KVPolicyConfig) -> None:
     hf_config = vllm_config.model_config.hf_text_config
     reasons = []
@@ -105,6 +118,7 @@ def install_engine_config_hook() -> None:
     def create_engine_config(self, *args: Any, **kwargs: Any):
         config = KVPolicyConfig.from_additional_config(self.additional_config)
         if config.enabled:
+            check_platform(config)
             prepare_engine_args(self, config)
         vllm_config = original(self, *args, **kwargs)
         if config.enabled:

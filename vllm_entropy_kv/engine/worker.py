@@ -17,19 +17,21 @@ block stays in place because decode appends to it at logical slots.
 
 from __future__ import annotations
 
-import logging
 import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from vllm.logger import init_logger
 
 from vllm_entropy_kv.config import KVPolicyConfig, KVPolicyConfigError
 from vllm_entropy_kv.metrics import EntropyKVStats
+from vllm_entropy_kv.engine.summaries import bias_supported
 from vllm_entropy_kv.policies import KVPolicy, LayerObservation, get_policy
+from vllm_entropy_kv.policies.stats import compressed_kv
 
-logger = logging.getLogger(__name__)
+logger = init_logger(__name__)
 
 BlockRange = tuple[int, int]
 
@@ -87,6 +89,7 @@ class CompressionWorker:
         self.num_layers = 0
         self._runner: weakref.ref[Any] | None = None
         self.freed: dict[str, dict[int, BlockRange]] = {}
+        self.log_bias: dict[str, dict[int, torch.Tensor]] = {}
         self.pending: dict[str, PendingCompression] = {}
         self.reports: dict[str, CompressionReport] = {}
         self.stats = EntropyKVStats()
@@ -143,6 +146,7 @@ class CompressionWorker:
     def forget(self, req_id: str) -> None:
         """Drop all state of a request (finished, or recomputed from scratch after preemption)."""
         self.freed.pop(req_id, None)
+        self.log_bias.pop(req_id, None)
         self.pending.pop(req_id, None)
 
     def capture(
@@ -182,13 +186,19 @@ class CompressionWorker:
                                req_id, len(request.layers), self.num_layers)
                 continue
             started = time.perf_counter()
-            report = self._compact_request(request)
+            report, log_bias = self._compact_request(request)
             report.seconds = time.perf_counter() - started
             self.freed[req_id] = report.freed_ranges
+            if log_bias:
+                self.log_bias[req_id] = log_bias
             self.reports[req_id] = report
             self._record_stats(req_id, report)
 
-    def _compact_request(self, request: PendingCompression) -> CompressionReport:
+    def _compact_request(
+        self, request: PendingCompression
+    ) -> tuple[CompressionReport, dict[int, torch.Tensor]]:
+        """Plan and write one request; returns its report and, per layer with biased summary
+        tokens, the log(count) bias of its first slots (kept in the worker, never sent)."""
         from vllm import _custom_ops as ops
 
         config = request.config
@@ -199,12 +209,8 @@ class CompressionWorker:
         block, n = self.block_size, request.num_tokens
         kept: dict[int, int] = {}
         freed: dict[int, BlockRange] = {}
+        log_bias: dict[int, torch.Tensor] = {}
         for layer_idx, cap, plan in zip(layer_ids, captured, plans):
-            if plan.summary_keys is not None:
-                raise NotImplementedError(
-                    f"policy {config.policy!r} adds summary tokens; the engine serves "
-                    "eviction policies only"
-                )
             m = plan.num_physical
             kept[layer_idx] = m
             if m % block or m > n:
@@ -212,9 +218,8 @@ class CompressionWorker:
                                  f"number of {block}-token blocks within {n}")
             if m == n:
                 continue
-            obs = cap.observation
-            keys = obs.keys[:, plan.keep].transpose(0, 1).contiguous()
-            values = obs.values[:, plan.keep].transpose(0, 1).contiguous()
+            # Kept tokens in prompt order, then the summaries: the layer's new first m slots.
+            keys, values, bias = compressed_kv(cap.observation, plan)
             positions = torch.arange(m)
             slots = cap.block_ids[positions // block].to(torch.int64) * block + positions % block
             num_blocks, num_kv_heads, block_size, _ = cap.kv_cache.shape
@@ -222,18 +227,28 @@ class CompressionWorker:
                 num_blocks, num_kv_heads, block_size * 2, -1
             ).chunk(2, dim=2)
             ops.cpu_attn_reshape_and_cache(
-                keys, values, key_cache, value_cache, slots, cap.layer.isa,
+                keys.transpose(0, 1).contiguous(), values.transpose(0, 1).contiguous(),
+                key_cache, value_cache, slots, cap.layer.isa,
                 k_scale=cap.layer._k_scale_float, v_scale=cap.layer._v_scale_float,
                 kv_cache_dtype=cap.kv_cache_dtype,
             )
             freed[layer_idx] = (m // block, n // block)
+            if config.merge_bias and bool(bias.any()):
+                if bias_supported(cap.layer.isa, cap.kv_cache_dtype):
+                    log_bias[layer_idx] = bias
+                else:
+                    logger.warning_once(
+                        "vllm-entropy-kv: summary tokens are served without their log(count) "
+                        "bias: the biased attention reads the 'vec' cache layout only (this "
+                        "is %r, cache dtype %s)", cap.layer.isa, cap.kv_cache_dtype)
         entropies = {
             layer_idx: plan.layer_entropy
             for layer_idx, plan in zip(layer_ids, plans)
             if plan.layer_entropy is not None
         }
-        return CompressionReport(config.policy, n, kept, freed, seconds=0.0,
-                                 layer_entropy=entropies)
+        report = CompressionReport(config.policy, n, kept, freed, seconds=0.0,
+                                   layer_entropy=entropies)
+        return report, log_bias
 
     def _request_state(self, req_id: str) -> Any:
         """The runner's `CachedRequestState` of a request, or None."""
