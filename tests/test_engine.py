@@ -17,8 +17,8 @@ from vllm_entropy_kv.launch import VllmServer
 
 pytestmark = pytest.mark.server
 
-# Short (below the compression threshold), ~2k and ~3.5k tokens.
-PROMPTS = [prompt_of_words(40), prompt_of_words(1500, 2000), prompt_of_words(2600, 9000)]
+# Short (below the compression threshold), ~1.3k and ~2.3k tokens.
+PROMPTS = [prompt_of_words(40), prompt_of_words(1000, 2000), prompt_of_words(1800, 9000)]
 
 
 def greedy_texts(url: str, **extra) -> list[str]:
@@ -69,19 +69,33 @@ def test_blocks_drop_to_budget_and_return_to_zero(server, entropy_server) -> Non
     assert wait_for_idle_cache(server.url) == 0
 
 
-@pytest.mark.parametrize("policy", ["streaming", "snapkv", "pyramid"])
-def test_baselines_chosen_per_request_free_blocks_too(entropy_server, policy: str) -> None:
-    """The eviction baselines run through the same path, chosen per request (`vllm_xargs`);
-    a request's own budget beats the server's 0.25."""
-    url = entropy_server.url
-    prompt = prompt_of_words(2400, 4000)
-    half = usage_while_decoding(url, prompt, vllm_xargs={"kv_policy": policy, "kv_budget": 0.5})
-    quarter = usage_while_decoding(url, prompt, vllm_xargs={"kv_policy": policy})
-    full = usage_while_decoding(url, prompt, vllm_xargs={"kv_policy": "none"})
-    print(f"{policy}: usage none {full:.4f}, 0.5 {half:.4f}, 0.25 {quarter:.4f}")
-    assert 0.15 < quarter / full < 0.40
-    assert 0.40 < half / full < 0.65
-    assert wait_for_idle_cache(url) == 0
+BASELINE_PROMPT = prompt_of_words(1700, 6000)  # ~2.2k tokens
+
+
+@pytest.fixture(scope="module")
+def uncompressed_usage(entropy_server) -> float:
+    """KV usage of BASELINE_PROMPT on the entropy server with compression off for it."""
+    return usage_while_decoding(entropy_server.url, BASELINE_PROMPT,
+                                vllm_xargs={"kv_policy": "none"})
+
+
+@pytest.mark.parametrize("policy", ["streaming", "snapkv", "pyramid", "entropy-merge", "src"])
+def test_policies_chosen_per_request_free_blocks_too(
+    entropy_server, uncompressed_usage: float, policy: str
+) -> None:
+    """Every served policy runs through the same path, chosen per request (`vllm_xargs`)."""
+    usage = usage_while_decoding(entropy_server.url, BASELINE_PROMPT,
+                                 vllm_xargs={"kv_policy": policy})
+    print(f"{policy}@0.25: usage {usage:.4f} vs {uncompressed_usage:.4f} uncompressed")
+    assert 0.15 < usage / uncompressed_usage < 0.45
+    assert wait_for_idle_cache(entropy_server.url) == 0
+
+
+def test_a_requests_budget_beats_the_servers(entropy_server, uncompressed_usage: float) -> None:
+    usage = usage_while_decoding(entropy_server.url, BASELINE_PROMPT,
+                                 vllm_xargs={"kv_budget": 0.5})
+    print(f"entropy@0.5: usage {usage:.4f} vs {uncompressed_usage:.4f} uncompressed")
+    assert 0.40 < usage / uncompressed_usage < 0.70
 
 
 @pytest.mark.xfail(

@@ -35,7 +35,7 @@ class EntropyPolicy(ScorerPolicy):
     min_fraction: float = 0.0
     max_fraction: float = 1.0
     group_reduce: GroupReduce = "mean"
-    chunk_size: int = 16
+    chunk_size: int = 32
 
     def score(self, obs: LayerObservation, layer_idx: int) -> LayerScores:
         stats = attention_stats(obs, self.observation_queries, entropy=True)
