@@ -5,7 +5,7 @@ PORT    ?= 8000
 POLICY  ?= none
 VLLM_ARGS ?=
 
-.PHONY: install serve test test-fast eval clean
+.PHONY: install serve test test-fast eval bench clean
 
 install:
 	bash scripts/install.sh
@@ -22,6 +22,12 @@ test-fast: install
 
 eval: install
 	$(PY) -m vllm_entropy_kv.eval
+
+# The serving benchmark (starts its servers; docs/BENCHMARKS.md). BENCH_ARGS=--quick for a
+# small grid, or any flag of `python -m vllm_entropy_kv.bench --help`.
+BENCH_ARGS ?=
+bench: install
+	$(PY) -m vllm_entropy_kv.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache

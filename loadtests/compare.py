@@ -21,9 +21,10 @@ from pathlib import Path
 
 import run as loadtest
 
+from vllm_entropy_kv.bench.report import write_section
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
-BEGIN, END = "<!-- loadtest-compare:begin -->", "<!-- loadtest-compare:end -->"
 
 
 def run_policy(args: argparse.Namespace, policy: str) -> dict:
@@ -68,16 +69,6 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    old = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    section = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + section + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    BENCHMARKS.write_text(new)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=loadtest.PROFILES, default="long")
@@ -106,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ])
     print(text)
     if not args.no_docs:
-        write_section(text)
+        write_section(BENCHMARKS, "loadtest-compare", text)
         print(f"written to {BENCHMARKS}")
     return max(r["exit_code"] for r in results.values())
 

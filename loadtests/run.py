@@ -19,7 +19,6 @@ import ipaddress
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ from urllib.parse import urlparse
 
 import requests
 
-from vllm_entropy_kv.launch import VllmServer
+from vllm_entropy_kv.launch import VllmServer, free_port, metric
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -65,21 +64,6 @@ def check_local(url: str) -> str:
             raise SystemExit(f"--url {url}: load tests only target this machine "
                              "(127.0.0.0/8, ::1 or localhost)")
     return url.rstrip("/")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metric(url: str, name: str) -> float:
-    """Sum of a metric's samples on /metrics (0 when absent)."""
-    total = 0.0
-    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith((name + "{", name + " ")):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def healthy(url: str) -> bool:

@@ -8,6 +8,7 @@ import requests
 
 from vllm_entropy_kv.assets import SERVED_MODEL_NAME
 from vllm_entropy_kv.eval.texts import essays_text
+from vllm_entropy_kv.launch import metric
 
 
 def prompt_of_words(num_words: int, offset: int = 0) -> str:
@@ -22,15 +23,6 @@ def complete(url: str, prompt: str, max_tokens: int = 32, **extra) -> dict:
     })
     response.raise_for_status()
     return response.json()
-
-
-def metric(url: str, name: str) -> float:
-    """Sum of a metric's samples on /metrics (0 when absent)."""
-    total = 0.0
-    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def wait_for_idle_cache(url: str, timeout_s: float = 60) -> float:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
 from vllm_entropy_kv.engine.setup import comparison_flags
-from vllm_entropy_kv.launch import VllmServer
+from vllm_entropy_kv.launch import VllmServer, free_port
 
 LOG_DIR = Path(__file__).resolve().parent.parent / "reports" / "test-logs"
 MAX_MODEL_LEN = 8192
@@ -18,12 +17,6 @@ TEST_KV_GIB = "1"
 # Compression needs whole-prompt prefill; on a 2-core machine shared with other servers a
 # 4k-token prefill step can outlast vLLM's 300 s step timeout, which kills the engine.
 SLOW_MACHINE_ENV = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "1200"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(

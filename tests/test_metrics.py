@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import requests
-from servers import LOG_DIR, free_port
+from servers import LOG_DIR
 from helpers import complete, metric, prompt_of_words
 
 from vllm_entropy_kv import assets
@@ -29,7 +29,7 @@ from vllm_entropy_kv.dashboard import (
     render,
     substitute,
 )
-from vllm_entropy_kv.launch import VllmServer
+from vllm_entropy_kv.launch import VllmServer, free_port
 from vllm_entropy_kv.metrics import EntropyKVStats, MetricName, build_stats
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,6 +11,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +36,23 @@ CPU_DEFAULT_FLAGS: tuple[str, ...] = (
 DEFAULT_KV_CACHE_GIB = "2"
 # Our entry points: the general plugin (flags, engine) and the endpoint plugin.
 VLLM_PLUGIN_NAMES: tuple[str, ...] = ("entropy_kv", "entropy_kv_api")
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    with socket.socket() as s:
+        s.bind((DEFAULT_HOST, 0))
+        return s.getsockname()[1]
+
+
+def metric(url: str, name: str, label: str = "") -> float:
+    """Sum of a metric's samples on the server's /metrics (0 when absent), only those whose
+    labels contain `label` (e.g. `policy="entropy"`) if given."""
+    total = 0.0
+    for line in requests.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith((name + "{", name + " ")) and label in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def vllm_executable() -> str:

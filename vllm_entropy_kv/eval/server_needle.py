@@ -28,7 +28,8 @@ class NeedleResult:
 
 
 @lru_cache(maxsize=1)
-def _tokenizer():
+def tokenizer():
+    """The embedded model's tokenizer (loaded once)."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(assets.model_dir()))
@@ -36,9 +37,9 @@ def _tokenizer():
 
 def needle_message(length: int, depth: float) -> str:
     """A user message of about `length` tokens: haystack with the needle, then the question."""
-    tokenizer = _tokenizer()
-    room = length - len(tokenizer.encode(NEEDLE + QUESTION)) - 16
-    haystack = tokenizer.decode(tokenizer.encode(essays_text())[:room])
+    tok = tokenizer()
+    room = length - len(tok.encode(NEEDLE + QUESTION)) - 16
+    haystack = tok.decode(tok.encode(essays_text())[:room])
     return f"{insert_needle(haystack, NEEDLE, depth)}\n\n{QUESTION}"
 
 

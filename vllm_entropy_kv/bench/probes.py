@@ -1,0 +1,162 @@
+"""What the serving benchmark sends to a server and what it reads back, over HTTP only.
+
+Every request names its policy and budget in `vllm_xargs`, so one server started with a
+policy serves every cell of the grid with the same scheduling and KV memory, `none` included
+(the request's cache is then kept whole).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+
+import requests
+
+from vllm_entropy_kv.assets import SERVED_MODEL_NAME
+from vllm_entropy_kv.eval.server_needle import run_server_needle, tokenizer
+from vllm_entropy_kv.eval.texts import essays_text
+from vllm_entropy_kv.launch import metric
+
+QUESTION = "\n\nQuestion: what is the main point of the text above?\nAnswer:"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One column of the benchmark: a policy at a budget (`none` keeps everything)."""
+
+    policy: str
+    budget: float = 1.0
+
+    @property
+    def label(self) -> str:
+        return "none" if self.policy == "none" else f"{self.policy}@{self.budget:g}"
+
+    def xargs(self) -> dict[str, object]:
+        if self.policy == "none":
+            return {"kv_policy": "none"}
+        return {"kv_policy": self.policy, "kv_budget": self.budget}
+
+
+@lru_cache(maxsize=1)
+def _essay_tokens() -> list[int]:
+    return tokenizer().encode(essays_text())
+
+
+def prompt_of_tokens(num_tokens: int, offset: int = 0) -> str:
+    """About `num_tokens` tokens of the Paul Graham essays from token `offset`, then a question."""
+    tokens = _essay_tokens()
+    start = offset % max(1, len(tokens) - num_tokens)
+    return tokenizer().decode(tokens[start : start + num_tokens - 16]) + QUESTION
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One streamed completion: time to first token, time per output token after it."""
+
+    prompt_tokens: int
+    output_tokens: int
+    ttft_s: float
+    tpot_s: float
+    total_s: float
+
+
+def timed_completion(url: str, prompt: str, cell: Cell, max_tokens: int) -> Timing:
+    started = time.perf_counter()
+    first = last = None
+    usage: dict = {}
+    with requests.post(f"{url}/v1/completions", stream=True, timeout=3600, json={
+        "model": SERVED_MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens,
+        "temperature": 0, "ignore_eos": True, "stream": True,
+        "stream_options": {"include_usage": True}, "vllm_xargs": cell.xargs(),
+    }) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith(b"data:") or line.endswith(b"[DONE]"):
+                continue
+            chunk = json.loads(line[5:])
+            usage = chunk.get("usage") or usage
+            if any(choice.get("text") for choice in chunk.get("choices") or ()):
+                last = time.perf_counter()
+                first = first if first is not None else last
+    end = time.perf_counter()
+    if first is None or last is None:
+        raise RuntimeError(f"{cell.label}: the stream carried no text")
+    output_tokens = int(usage.get("completion_tokens", max_tokens))
+    return Timing(
+        prompt_tokens=int(usage.get("prompt_tokens", 0)),
+        output_tokens=output_tokens,
+        ttft_s=first - started,
+        tpot_s=(last - first) / max(1, output_tokens - 1),
+        total_s=end - started,
+    )
+
+
+class PeakSampler:
+    """Samples a gauge in the background and keeps its peak."""
+
+    def __init__(self, url: str, name: str, period_s: float = 0.25) -> None:
+        self.url, self.name, self.period_s = url, name, period_s
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, metric(self.url, self.name))
+            except requests.RequestException:
+                pass
+            self._stop.wait(self.period_s)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Requests sent at once: timings, peak running requests, preemptions, throughput."""
+
+    timings: list[Timing]
+    peak_running: int
+    preemptions: int
+    seconds: float
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return sum(t.output_tokens for t in self.timings) / self.seconds
+
+    @property
+    def mean_tpot_s(self) -> float:
+        return sum(t.tpot_s for t in self.timings) / len(self.timings)
+
+    @property
+    def mean_ttft_s(self) -> float:
+        return sum(t.ttft_s for t in self.timings) / len(self.timings)
+
+
+def concurrent_batch(url: str, prompts: list[str], cell: Cell, max_tokens: int) -> Batch:
+    preempted = metric(url, "vllm:num_preemptions_total")
+    started = time.perf_counter()
+    with PeakSampler(url, "vllm:num_requests_running") as running, \
+            ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        timings = list(pool.map(lambda p: timed_completion(url, p, cell, max_tokens), prompts))
+    return Batch(
+        timings=timings,
+        peak_running=int(running.peak),
+        preemptions=int(metric(url, "vllm:num_preemptions_total") - preempted),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def needle_hits(url: str, cell: Cell, length: int, depths: list[float]) -> int:
+    results = run_server_needle(url, [length], depths, extra_body={"vllm_xargs": cell.xargs()})
+    return sum(r.hit for r in results)

@@ -1,0 +1,121 @@
+"""The benchmark's tables (Markdown, ratios to `none`) and plots (PNG)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_entropy_kv.bench.probes import Batch, Cell, Timing
+
+
+@dataclass
+class Results:
+    """Everything one run measured, keyed by cell label (and prompt length)."""
+
+    single: dict[tuple[str, int], Timing] = field(default_factory=dict)
+    batch: dict[str, Batch] = field(default_factory=dict)
+    capacity: dict[str, Batch] = field(default_factory=dict)
+    needle: dict[str, int] = field(default_factory=dict)
+    needle_cases: int = 0
+    prefill_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def ratio(value: float | None, reference: float | None) -> str:
+    if value is None or not reference:
+        return "–"
+    return f"{value / reference:.2f}x"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def single_table(results: Results, cells: Sequence[Cell], lengths: Sequence[int]) -> str:
+    rows = []
+    for length in lengths:
+        base = results.single.get(("none", length))
+        for cell in cells:
+            t = results.single.get((cell.label, length))
+            if t is None:
+                continue
+            rows.append([
+                cell.policy, "1" if cell.policy == "none" else f"{cell.budget:g}", t.prompt_tokens,
+                f"{t.ttft_s:.2f}", ratio(t.ttft_s, base and base.ttft_s),
+                f"{t.tpot_s * 1000:.1f}", ratio(t.tpot_s, base and base.tpot_s),
+                f"{t.output_tokens / t.total_s:.1f}",
+            ])
+    return table(["policy", "budget", "prompt tokens", "TTFT s", "TTFT vs none",
+                  "TPOT ms", "TPOT vs none", "tokens/s"], rows)
+
+
+def batch_table(batches: dict[str, Batch], cells: Sequence[Cell]) -> str:
+    base = batches.get("none")
+    rows = []
+    for cell in cells:
+        b = batches.get(cell.label)
+        if b is None:
+            continue
+        rows.append([
+            cell.label, len(b.timings), b.peak_running,
+            ratio(b.peak_running, base and base.peak_running), b.preemptions,
+            f"{b.mean_ttft_s:.1f}", f"{b.mean_tpot_s * 1000:.1f}",
+            ratio(b.mean_tpot_s, base and base.mean_tpot_s),
+            f"{b.output_tokens_per_s:.2f}", ratio(b.output_tokens_per_s,
+                                                  base and base.output_tokens_per_s),
+        ])
+    return table(["cell", "requests", "peak running", "vs none", "preemptions", "mean TTFT s",
+                  "mean TPOT ms", "TPOT vs none", "output tokens/s", "vs none"], rows)
+
+
+def needle_table(results: Results, cells: Sequence[Cell]) -> str:
+    base = results.needle.get("none")
+    rows = [[cell.label, f"{results.needle[cell.label]}/{results.needle_cases}",
+             ratio(results.needle[cell.label], base)]
+            for cell in cells if cell.label in results.needle]
+    return table(["cell", "hits", "vs none"], rows)
+
+
+def plot(results: Results, cells: Sequence[Cell], lengths: Sequence[int], path: Path) -> None:
+    """TTFT and TPOT against prompt length per cell, and needle hits per cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for cell in cells:
+        points = [(n, results.single[(cell.label, n)]) for n in lengths
+                  if (cell.label, n) in results.single]
+        if len(points) < 2:
+            continue
+        xs = [t.prompt_tokens for _, t in points]
+        axes[0].plot(xs, [t.ttft_s for _, t in points], marker="o", label=cell.label)
+        axes[1].plot(xs, [t.tpot_s * 1000 for _, t in points], marker="o", label=cell.label)
+    axes[0].set(title="time to first token", xlabel="prompt tokens", ylabel="s")
+    axes[1].set(title="time per output token (1 request)", xlabel="prompt tokens", ylabel="ms")
+    for ax in axes[:2]:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    labels = [c.label for c in cells if c.label in results.needle]
+    axes[2].barh(labels, [results.needle[label] for label in labels])
+    axes[2].set(title=f"needle hits of {results.needle_cases}", xlabel="hits")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Put `text` between the `<!-- name:begin/end -->` markers of `path` (appended the first
+    time); the rest of the file stays as it is, so several commands can share one page."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"{begin}\n{text}\n{end}"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + section + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(new)
