@@ -79,7 +79,8 @@ def test_compacted_cache_reads_as_kept_tokens_plus_tail(policy: str) -> None:
     config = KVPolicyConfig(policy=policy, budget=0.25)
     worker.configure(config, BLOCK, num_layers=1)
     layer = SimpleNamespace(isa=isa, _k_scale_float=1.0, _v_scale_float=1.0)
-    request = CaptureRequest("req-0", 0, worker.compressible_tokens(n, config), block_row, config)
+    request = CaptureRequest("req-0", 0, worker.compressible_tokens(n, config), block_row, config,
+                             prompt_tokens=n)
     worker.capture(request, 0, layer, queries, keys, values, kv_cache, SCALE, "auto")
     worker.compact()
     report = worker.take_reports()["req-0"]
@@ -89,9 +90,9 @@ def test_compacted_cache_reads_as_kept_tokens_plus_tail(policy: str) -> None:
 
     # What the policy kept, recomputed: the same plan from the same observation.
     observation = LayerObservation(
-        queries=queries[prompt - 32 : prompt].transpose(0, 1),
+        queries=queries[n - 32 : n].transpose(0, 1),
         keys=keys[:prompt].transpose(0, 1), values=values[:prompt].transpose(0, 1),
-        scale=SCALE,
+        scale=SCALE, query_offset=tail,
     )
     plan = get_policy(policy).plan([observation], Budget(0.25, block_size=BLOCK))[0]
     assert plan.num_physical == kept

@@ -144,3 +144,21 @@ def test_compressed_kv_applies_log_count_bias(make_layers) -> None:
     out, probs = attention_output(obs.queries, keys, values, obs.scale, bias)
     assert out.shape == (4, 4, 16)
     torch.testing.assert_close(probs.sum(-1), torch.ones(4, 4))
+
+
+def test_queries_after_the_keys_see_every_key_before_them() -> None:
+    """query_offset: the engine scores a prompt's whole blocks with its true last queries."""
+    gen = torch.Generator().manual_seed(3)
+    n, offset, window, d = 20, 3, 6, 8
+    obs = LayerObservation(torch.randn(2, window, d, generator=gen),
+                           torch.randn(1, n, d, generator=gen),
+                           torch.randn(1, n, d, generator=gen), 0.5, query_offset=offset)
+    first = n + offset - window  # 17: queries at 17..22 over keys 0..19
+    want = torch.zeros(2, n)
+    for i in range(window):
+        visible = min(first + i + 1, n)
+        logits = obs.queries[:, i] @ obs.keys[0, :visible].T * 0.5
+        want[:, :visible] += logits.softmax(-1)
+    stats = attention_stats(obs, window)
+    torch.testing.assert_close(stats.head_scores, want)
+    assert stats.head_entropy is not None and bool((stats.head_entropy > 0).all())

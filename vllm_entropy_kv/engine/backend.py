@@ -64,7 +64,7 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
                 if num_tokens:
                     captures.append(CaptureRequest(
                         req_id, query_start[row], num_tokens, cam.block_table_tensor[row],
-                        config,
+                        config, prompt_tokens=query_len,
                     ))
             elif (freed := worker.freed.get(req_id, {}).get(self.layer_idx)) is not None:
                 virtual_rows[row] = freed

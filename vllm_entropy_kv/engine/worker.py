@@ -12,7 +12,9 @@ Timeline of one request, all in the worker process:
 The scheduler hears of each range through the connector and returns the blocks to the pool.
 
 Only the compressible prefix (whole blocks) is planned; the partially filled last prompt
-block stays in place because decode appends to it at logical slots.
+block stays in place because decode appends to it at logical slots. The observation window
+is still the prompt's true last queries (`LayerObservation.query_offset`): that is where a
+question after a long context sits, and it may lie entirely in the partial block.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class CaptureRequest:
     num_tokens: int  # compressible prefix: whole blocks only
     block_ids: torch.Tensor  # this layer's logical block row for the request
     config: KVPolicyConfig  # the server's settings with the request's own on top
+    prompt_tokens: int  # the whole prompt; its last queries observe (the question is there)
 
 
 @dataclass
@@ -162,13 +165,14 @@ class CompressionWorker:
         kv_cache_dtype: str,
     ) -> None:
         """Keep what `layer_idx` saw of the request's prompt (copies: vLLM reuses buffers)."""
-        start, n = request.token_start, request.num_tokens
-        window = min(request.config.window, n)
+        start, n, end = request.token_start, request.num_tokens, request.prompt_tokens
+        window = min(request.config.window, end)
         observation = LayerObservation(
-            queries=query[start + n - window : start + n].transpose(0, 1).contiguous(),
+            queries=query[start + end - window : start + end].transpose(0, 1).contiguous(),
             keys=key[start : start + n].transpose(0, 1).contiguous(),
             values=value[start : start + n].transpose(0, 1).contiguous(),
             scale=scale,
+            query_offset=end - n,
         )
         pending = self.pending.setdefault(
             request.req_id, PendingCompression(n, request.config)

@@ -50,12 +50,17 @@ class LayerObservation:
     queries: [Hq, W, d] the last W prompt queries (W may be smaller than n).
     keys, values: [Hkv, n, d] the prompt's keys and values.
     scale: the softmax scale the model uses (usually d ** -0.5).
+    query_offset: how many positions the last query lies beyond the last key. 0: the queries
+        are the last W of the n positions. The engine compresses only a prompt's whole
+        blocks but observes the prompt's true last queries (where the question is), which
+        then follow the keys; a query sees every key at or before its position.
     """
 
     queries: torch.Tensor
     keys: torch.Tensor
     values: torch.Tensor
     scale: float
+    query_offset: int = 0
 
     @property
     def num_tokens(self) -> int:

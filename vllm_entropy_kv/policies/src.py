@@ -322,10 +322,11 @@ class SRCPolicy(ScorerPolicy):
         by_entropy = torch.argsort(entropy[candidates][by_score], descending=True, stable=True)
         bin_ids = candidates[by_score[by_entropy[:size]]].sort().values
         m = queries.shape[1]
-        positions = torch.arange(n - m, n, device=obs.keys.device)
+        first = n + obs.query_offset - m
+        positions = torch.arange(first, first + m, device=obs.keys.device)
         # Usually the whole bin precedes the window (recent >= W): no mask to apply.
         visible = None
-        if int(bin_ids[-1]) >= n - m:
+        if int(bin_ids[-1]) >= first:
             visible = bin_ids.unsqueeze(0) <= positions.unsqueeze(1)
         keys, values, counts = summarize_bin(
             queries,

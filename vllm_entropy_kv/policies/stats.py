@@ -41,8 +41,11 @@ def check_observation(obs: LayerObservation) -> None:
         raise ValueError(f"{q.shape[0]} query heads are not a multiple of {k.shape[0]} KV heads")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"query size {q.shape[2]} != key size {k.shape[2]}")
-    if q.shape[1] > k.shape[1]:
-        raise ValueError(f"{q.shape[1]} observed queries for only {k.shape[1]} prompt tokens")
+    if obs.query_offset < 0:
+        raise ValueError(f"query_offset must be >= 0, got {obs.query_offset}")
+    if q.shape[1] > k.shape[1] + obs.query_offset:
+        raise ValueError(f"{q.shape[1]} observed queries for only "
+                         f"{k.shape[1] + obs.query_offset} prompt tokens")
     if k.shape[1] < 1:
         raise ValueError("empty prompt")
 
@@ -133,11 +136,11 @@ def _causal_logits(
     """Scaled logits of queries at positions start.. against the keys they can see.
 
     queries: [G, c, d] (one GQA group); keys: [n, d]; out: optional flat float32 workspace
-    of at least G * c * (start + c) elements. Returns [G, c, start + c] float32 with -inf
-    above the causal diagonal (only the last c columns can be masked).
+    of at least G * c * min(start + c, n) elements. Returns [G, c, min(start + c, n)] float32
+    with -inf where a key lies after the query (only columns start.. can be masked).
     """
     g, c, d = queries.shape
-    width = start + c
+    width = min(start + c, keys.shape[0])
     q = (queries.float() * scale).reshape(g * c, d)
     visible = keys[:width].float().T
     if out is None:
@@ -146,11 +149,19 @@ def _causal_logits(
         logits = out[: g * c * width].view(g * c, width)
         torch.mm(q, visible, out=logits)
     logits = logits.view(g, c, width)
-    if c > 1:
-        # Query i sees keys <= start + i: mask the strict upper triangle of the last c columns.
-        upper = torch.ones(c, c, dtype=torch.bool, device=logits.device).triu_(1)
-        logits[..., start:].masked_fill_(upper, float("-inf"))
+    mask = _future_keys(start, c, width, logits.device)
+    if mask is not None:
+        logits[..., start:].masked_fill_(mask, float("-inf"))
     return logits
+
+
+def _future_keys(start: int, c: int, width: int, device: torch.device) -> torch.Tensor | None:
+    """[c, width - start] bool: key start + j lies after query start + i (j > i); None when
+    no key of columns start..width is in the future of any query."""
+    if width - start < 2:
+        return None
+    keys_after = torch.arange(width - start, device=device)
+    return keys_after.unsqueeze(0) > torch.arange(c, device=device).unsqueeze(1)
 
 
 def _query_chunk(num_heads_in_group: int, num_queries: int, n: int, max_elements: int) -> int:
@@ -177,7 +188,7 @@ def attention_stats(
     num_heads, m, _ = queries.shape
     num_kv, n, _ = obs.keys.shape
     group = num_heads // num_kv
-    first = n - m  # prompt position of the first observed query
+    first = n + obs.query_offset - m  # prompt position of the first observed query
     device = obs.keys.device
 
     head_scores = torch.zeros(num_heads, n, dtype=torch.float32, device=device)
@@ -197,27 +208,27 @@ def attention_stats(
             hi = min(m, lo + chunk)
             start = first + lo
             logits = _causal_logits(queries[heads, lo:hi], keys, obs.scale, start, logits_buf)
+            width = logits.shape[-1]
             probs = probs_buf[: logits.numel()].view_as(logits)
             torch.softmax(logits, dim=-1, out=probs)
-            head_scores[heads, : start + hi - lo] += probs.sum(1)
+            head_scores[heads, :width] += probs.sum(1)
             if not (entropy or token_entropy):
                 continue
             # log Z = max logit - log(max prob): exact, and saves a second pass of exp.
             log_z = logits.amax(-1) - probs.amax(-1).log()
-            if hi - lo > 1:
+            mask = _future_keys(start, hi - lo, width, device)
+            if mask is not None:
                 # 0 * -inf would poison the products below; the probs there are 0 anyway.
-                upper = torch.ones(hi - lo, hi - lo, dtype=torch.bool, device=device).triu_(1)
-                logits[..., start:].masked_fill_(upper, 0.0)
+                logits[..., start:].masked_fill_(mask, 0.0)
             # p * logit, in place: log p = logit - log Z, so both entropies follow from it.
             weighted = logits.mul_(probs)
             if entropy:
                 # H = -sum p log p = log Z - sum p * logit.
                 row_entropy = log_z - weighted.sum(-1)
-                visible = torch.arange(start + 1, start + 1 + hi - lo, device=device)
+                visible = torch.arange(start + 1, start + 1 + hi - lo, device=device).clamp(max=n)
                 norm = visible.float().log().clamp_min(1e-12)  # 1 visible key: H = 0
                 entropy_sum[heads] += (row_entropy.clamp_min(0) / norm).sum(-1)
             if plogp is not None:
-                width = start + hi - lo
                 plogp[:width] += weighted.sum((0, 1))
                 plogp[:width] -= torch.einsum("gcn,gc->n", probs, log_z)
 
