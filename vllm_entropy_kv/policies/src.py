@@ -22,6 +22,7 @@ from vllm_entropy_kv.policies.selection import (
 )
 from vllm_entropy_kv.policies.stats import (
     GroupReduce,
+    attention_output,
     attention_stats,
     last_queries,
     layer_entropies,
@@ -50,13 +51,8 @@ def bin_attention(
     or None. Returns (probs [Hkv, m, b], outputs [Hkv, m, d]), float32; a query that sees no
     bin token gets zeros.
     """
-    logits = torch.matmul(ref_queries.float() * scale, bin_keys.float().transpose(1, 2))
-    if visible is not None:
-        logits = logits.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if visible is not None:
-        probs = probs.nan_to_num(0.0)  # rows that see no bin token
-    return probs, torch.matmul(probs, bin_values.float())
+    outputs, probs = attention_output(ref_queries, bin_keys, bin_values, scale, visible=visible)
+    return probs, outputs
 
 
 def reconstruction_operator(ref_queries: torch.Tensor, bin_outputs: torch.Tensor) -> torch.Tensor:

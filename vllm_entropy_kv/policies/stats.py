@@ -295,12 +295,15 @@ def attention_output(
     values: torch.Tensor,
     scale: float,
     log_bias: torch.Tensor | None = None,
+    visible: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of queries that see every key (e.g. decode queries), GQA-aware.
+    """Attention of queries over keys, GQA-aware; by default every query sees every key
+    (e.g. decode queries).
 
     queries: [Hq, m, d]; keys, values: [Hkv, t, d]; log_bias: [t] added to every score
-    (log(count) for summary tokens, 0 for real ones). Returns (output [Hq, m, d],
-    probs [Hq, m, t]), both float32.
+    (log(count) for summary tokens, 0 for real ones); visible: [group * m, t] bool, which key
+    each query row of a GQA group sees (a row that sees none gets zeros). Returns
+    (output [Hq, m, d], probs [Hq, m, t]), both float32.
     """
     num_heads, m, d = queries.shape
     num_kv = keys.shape[0]
@@ -309,7 +312,11 @@ def attention_output(
     logits = torch.matmul(q, keys.float().transpose(1, 2))
     if log_bias is not None:
         logits = logits + log_bias.float()
+    if visible is not None:
+        logits = logits.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if visible is not None:
+        probs = probs.nan_to_num(0.0)
     out = torch.matmul(probs, values.float())
     return out.reshape(num_heads, m, -1), probs.reshape(num_heads, m, -1)
 
