@@ -122,6 +122,17 @@ def test_stats_survive_engine_serialisation_and_aggregate() -> None:
     assert data == merged.to_dict()  # build_stats copied: the source is untouched
 
 
+def test_merged_tokens_are_counted_apart_from_evicted_ones() -> None:
+    stats = EntropyKVStats()
+    # Two layers of 64 slots each over a 256-token prompt; layer 0's slots include 8
+    # summaries standing for 100 tokens: mean merged 50, mean summary slots 4.
+    stats.record_compression("entropy-merge", 256, 256, {0: 64, 1: 64}, 0.1, None,
+                             {0: (8, 100)})
+    entry = stats.data["entropy-merge"]
+    assert entry["tokens_kept"] == 64 and entry["tokens_merged"] == 50
+    assert entry["tokens_evicted"] == 256 - (64 - 4) - 50
+
+
 # --- against the entropy server and a real Prometheus ---------------------------------------
 
 

@@ -113,23 +113,28 @@ class EntropyKVStats(KVConnectorStats):
         kept_per_layer: dict[int, int],
         seconds: float,
         layer_entropy: dict[int, float] | None = None,
+        summaries_per_layer: dict[int, tuple[int, int]] | None = None,
     ) -> None:
-        """One compressed request: `kept_per_layer` tokens of the `compressible_tokens`
-        prefix stay in each layer; the tail beyond that prefix stays in place."""
+        """One compressed request: `kept_per_layer` slots of the `compressible_tokens` prefix
+        stay in each layer (kept tokens, then summary tokens); the tail beyond that prefix
+        stays in place. `summaries_per_layer`: (summary slots, prompt tokens they stand for).
+        Per request, the mean over layers: kept slots, tokens merged into summaries, and the
+        rest of the prompt, evicted."""
         if not kept_per_layer:
             return
         tail = prompt_tokens - compressible_tokens
         kept = {layer: m + tail for layer, m in kept_per_layer.items()}
         mean_kept = sum(kept.values()) / len(kept)
+        summaries = summaries_per_layer or {}
+        mean_slots = sum(slots for slots, _ in summaries.values()) / len(kept)
+        mean_merged = sum(merged for _, merged in summaries.values()) / len(kept)
         entry = self._policy(policy)
         for key, value in (
             ("requests", 1),
             ("prompt_tokens", prompt_tokens),
             ("tokens_kept", mean_kept),
-            ("tokens_evicted", prompt_tokens - mean_kept),
-            # The served policies evict; a merging policy would report tokens folded into
-            # summary tokens here (the engine refuses summary tokens today).
-            ("tokens_merged", 0),
+            ("tokens_evicted", prompt_tokens - (mean_kept - mean_slots) - mean_merged),
+            ("tokens_merged", mean_merged),
         ):
             entry[key] = entry.get(key, 0) + value
         entry[RATIO] = mean_kept / prompt_tokens if prompt_tokens else 1.0

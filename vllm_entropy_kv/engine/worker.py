@@ -30,7 +30,7 @@ from vllm.logger import init_logger
 from vllm_entropy_kv.config import KVPolicyConfig, KVPolicyConfigError
 from vllm_entropy_kv.metrics import EntropyKVStats
 from vllm_entropy_kv.engine.summaries import bias_supported
-from vllm_entropy_kv.policies import KVPolicy, LayerObservation, get_policy
+from vllm_entropy_kv.policies import KVPolicy, LayerObservation, LayerPlan, get_policy
 from vllm_entropy_kv.policies.stats import compressed_kv
 
 logger = init_logger(__name__)
@@ -79,6 +79,7 @@ class CompressionReport:
     # `num_tokens` stays in place), and each layer's entropy if the policy computed it.
     prompt_tokens: int = 0
     layer_entropy: dict[int, float] = field(default_factory=dict)
+    summaries: dict[int, tuple[int, int]] = field(default_factory=dict)  # (slots, merged)
 
 
 class CompressionWorker:
@@ -250,8 +251,13 @@ class CompressionWorker:
             for layer_idx, plan in zip(layer_ids, plans)
             if plan.layer_entropy is not None
         }
+        summaries = {
+            layer_idx: (plan.num_summaries, _merged_tokens(plan))
+            for layer_idx, plan in zip(layer_ids, plans)
+            if plan.num_summaries and plan.num_physical < n
+        }
         report = CompressionReport(config.policy, n, kept, freed, seconds=0.0,
-                                   layer_entropy=entropies)
+                                   layer_entropy=entropies, summaries=summaries)
         return report, log_bias
 
     def _request_state(self, req_id: str) -> Any:
@@ -266,7 +272,7 @@ class CompressionWorker:
         report.prompt_tokens = max(getattr(state, "num_tokens", 0), report.num_tokens)
         self.stats.record_compression(
             report.policy, report.prompt_tokens, report.num_tokens, report.kept_tokens,
-            report.seconds, report.layer_entropy,
+            report.seconds, report.layer_entropy, report.summaries,
         )
 
     def take_stats(self) -> EntropyKVStats | None:
@@ -278,6 +284,13 @@ class CompressionWorker:
     def take_reports(self) -> dict[str, CompressionReport]:
         reports, self.reports = self.reports, {}
         return reports
+
+
+def _merged_tokens(plan: LayerPlan) -> int:
+    """Prompt tokens a plan's summaries stand for (one each when it gives no counts)."""
+    if plan.summary_counts is None:
+        return plan.num_summaries
+    return int(plan.summary_counts.sum())
 
 
 _WORKER = CompressionWorker()
