@@ -34,7 +34,8 @@ def assert_client_error(response: requests.Response, status: int = 400) -> dict:
 def assert_still_serving(url: str) -> None:
     assert requests.get(f"{url}/health", timeout=10).status_code == 200
     assert wait_for_idle_cache(url) == 0
-    assert complete(url, "The capital of France is", max_tokens=4)["choices"][0]["text"]
+    answer = complete(url, "The capital of France is", max_tokens=4, ignore_eos=True)
+    assert answer["usage"]["completion_tokens"] == 4
 
 
 @pytest.mark.parametrize("body", [b'{"model": "x", "prompt": ', b"not json at all", b"[]"])
