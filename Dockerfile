@@ -43,5 +43,5 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
 CMD ["vllm", "serve", "/app/cache/models/SmolLM2-135M-Instruct", \
      "--served-model-name", "smollm2-135m-instruct", \
      "--host", "0.0.0.0", "--port", "8000", \
-     "--max-model-len", "8192", "--dtype", "bfloat16", "--enforce-eager", \
+     "--max-model-len", "8192", "--dtype", "float32", "--enforce-eager", \
      "--kv-policy", "entropy", "--kv-budget", "0.25"]

@@ -29,7 +29,7 @@ from vllm_entropy_kv.dashboard import (
     render,
     substitute,
 )
-from vllm_entropy_kv.launch import VllmServer, free_port
+from vllm_entropy_kv.launch import DEFAULT_DTYPE, VllmServer, free_port
 from vllm_entropy_kv.metrics import EntropyKVStats, MetricName, build_stats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,17 +55,22 @@ def binary(name: str) -> str:
     return path
 
 
+# The session's entropy server also serves other policies per request (test_engine.py):
+# read the series of its own policy.
+OWN = 'policy="entropy"'
+
+
 def counters(url: str) -> dict[str, float]:
-    return {key: metric(url, name) for key, name in COUNTERS.items()}
+    return {key: metric(url, name, OWN) for key, name in COUNTERS.items()}
 
 
 def wait_for_counter(url: str, name: str, above: float, timeout_s: float = 60) -> float:
     """Stats reach the API server with the engine's step outputs; wait until they did."""
     deadline = time.monotonic() + timeout_s
-    value = metric(url, name)
+    value = metric(url, name, OWN)
     while value <= above and time.monotonic() < deadline:
         time.sleep(0.5)
-        value = metric(url, name)
+        value = metric(url, name, OWN)
     return value
 
 
@@ -228,8 +233,10 @@ def test_counters_match_the_known_request(traffic: KnownRequest) -> None:
     config = model_config()
     block_size = 32  # the policy's default; the server runs without --block-size
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    # K and V, bf16: for SmolLM2-135M 3 kv heads x 64 x 2 x 2 B = 768 B per token per layer.
-    bytes_per_token_layer = config["num_key_value_heads"] * head_dim * 2 * 2
+    # K and V in the served dtype: for SmolLM2-135M in float32, 3 kv heads x 64 x 2 x 4 B
+    # = 1536 B per token per layer.
+    element_bytes = {"float32": 4, "bfloat16": 2}[DEFAULT_DTYPE]
+    bytes_per_token_layer = config["num_key_value_heads"] * head_dim * 2 * element_bytes
     layers = config["num_hidden_layers"]
 
     assert traffic.delta("requests") == 1
@@ -249,15 +256,15 @@ def test_gauges_and_histograms_on_metrics(entropy_server: VllmServer, traffic) -
     url = entropy_server.url
     text = requests.get(url + "/metrics", timeout=10).text
     layers = model_config()["num_hidden_layers"]
-    ratio = metric(url, MetricName.COMPRESSION_RATIO)
+    ratio = metric(url, MetricName.COMPRESSION_RATIO, OWN)
     assert 0 < ratio < 0.5
     budgets = [line for line in text.splitlines()
-               if line.startswith(MetricName.LAYER_BUDGET + "{")]
+               if line.startswith(MetricName.LAYER_BUDGET + "{") and OWN in line]
     assert len(budgets) == layers
     assert sum(float(b.rsplit(" ", 1)[1]) for b in budgets) / layers == pytest.approx(ratio)
     assert metric(url, MetricName.COMPACTION_SECONDS + "_count") >= 3
     entropy_counts = [line for line in text.splitlines()
-                      if line.startswith(MetricName.ENTROPY + "_count{")]
+                      if line.startswith(MetricName.ENTROPY + "_count{") and OWN in line]
     assert len(entropy_counts) == layers
     assert all(float(line.rsplit(" ", 1)[1]) >= 3 for line in entropy_counts)
     assert 'policy="entropy"' in next(
@@ -271,15 +278,15 @@ def test_gauges_and_histograms_on_metrics(entropy_server: VllmServer, traffic) -
 def test_kv_policy_endpoint(entropy_server: VllmServer, traffic) -> None:
     body = requests.get(entropy_server.url + "/v1/kv-policy", timeout=10).json()
     assert body["settings"] == {"policy": "entropy", "budget": 0.25, "sink_tokens": 4,
-                                "recent_tokens": 32, "window": 32, "enabled": True,
-                                "block_size": 32}
+                                "recent_tokens": 32, "window": 32, "merge_bias": True,
+                                "enabled": True, "block_size": 32}
     now = counters(entropy_server.url)
     totals = body["totals"]
     assert totals["requests_compressed"] == now["requests"]
     assert totals["tokens_evicted"] == pytest.approx(now["evicted"])
     assert totals["freed_bytes"] == now["bytes"]
     assert body["last_request"]["compression_ratio"] == pytest.approx(
-        metric(entropy_server.url, MetricName.COMPRESSION_RATIO))
+        metric(entropy_server.url, MetricName.COMPRESSION_RATIO, OWN))
 
 
 @pytest.mark.server

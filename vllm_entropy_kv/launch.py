@@ -28,9 +28,10 @@ DEFAULT_PORT = 8000
 # changed greedy answers (vLLM 0.32 CPU); eager mode starts in under a minute. float32: on
 # CPUs without native bf16 (the AVX2 machines here) a bf16 matmul of prefill's shape took
 # 4.8 s against 0.09 s in float32 (one thread, 3000x576 @ 576x1536).
+DEFAULT_DTYPE = "float32"
 CPU_DEFAULT_FLAGS: tuple[str, ...] = (
     "--max-model-len", "8192",
-    "--dtype", "float32",
+    "--dtype", DEFAULT_DTYPE,
     "--enforce-eager",
 )
 DEFAULT_KV_CACHE_GIB = "2"
