@@ -1,10 +1,10 @@
 """The same locust load against `none` and a KV policy, side by side, in the same KV memory.
 
 Runs `loadtests/run.py` once per policy, one server at a time (each started here with the
-same `--kv-cache-gib` and vLLM flags), and writes a table to `docs/BENCHMARKS.md` between
+same KV pool size and vLLM flags), and writes a table to `docs/BENCHMARKS.md` between
 the markers of its section, so other sections of that file stay as they are:
 
-    python loadtests/compare.py --profile long --users 6 --duration 240 --kv-cache-gib 0.25
+    python loadtests/compare.py --profile long --users 6 --duration 240 --kv-tokens 8000
     make loadtest-compare
 """
 
@@ -21,19 +21,35 @@ from pathlib import Path
 
 import run as loadtest
 
+from vllm_entropy_kv import assets
 from vllm_entropy_kv.bench.report import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
+BLOCK_SIZE = 32  # what a policy sets; given to `none` too
+
+
+def pool_blocks(policy: str, kv_tokens: int) -> int:
+    """`--num-gpu-blocks-override` for a pool of `kv_tokens` tokens of full KV (all layers).
+    With `none` a block holds 32 tokens of every layer; with a policy, each layer has its
+    own KV cache group and a block holds 32 tokens of one layer."""
+    blocks = kv_tokens // BLOCK_SIZE
+    if policy == "none":
+        return blocks
+    config = json.loads((assets.prepare_model() / "config.json").read_text())
+    return blocks * int(config["num_hidden_layers"])
 
 
 def run_policy(args: argparse.Namespace, policy: str) -> dict:
     name = f"compare-{args.profile}-{policy}"
     argv = ["--profile", args.profile, "--users", str(args.users), "--duration",
             str(args.duration), "--spawn-rate", str(args.users), "--policy", policy,
-            "--kv-cache-gib", args.kv_cache_gib, "--out", str(args.out), "--name", name]
+            "--out", str(args.out), "--name", name,
+            # vLLM refuses a model length the pool could not hold once.
+            "--", "--block-size", str(BLOCK_SIZE), "--max-model-len", str(min(4096, args.kv_tokens)),
+            "--num-gpu-blocks-override", str(pool_blocks(policy, args.kv_tokens))]
     if policy != "none":
-        argv += ["--", "--kv-budget", str(args.budget)]
+        argv += ["--kv-budget", str(args.budget)]
     code = loadtest.main(argv)
     result = json.loads((args.out / f"{name}_result.json").read_text())
     result["exit_code"] = code
@@ -76,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=240, help="seconds per policy")
     parser.add_argument("--policy", default="entropy", help="compared with none")
     parser.add_argument("--budget", type=float, default=0.25)
-    parser.add_argument("--kv-cache-gib", default="0.25", help="the same for both servers")
+    parser.add_argument("--kv-tokens", type=int, default=8000,
+                        help="KV pool of both servers, in tokens of full KV (all layers)")
     parser.add_argument("--out", type=Path, default=loadtest.REPORTS)
     parser.add_argument("--no-docs", action="store_true", help="print only, leave docs/")
     args = parser.parse_args(argv)
@@ -87,8 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "## Load test: `none` vs `{}` at {} (locust)".format(args.policy, args.budget),
         "",
         f"`{command.strip()}` on {started}: profile `{args.profile}`, {args.users} users, "
-        f"{args.duration} s per server, KV cache {args.kv_cache_gib} GiB "
-        f"(`VLLM_CPU_KVCACHE_SPACE`) for both, one server at a time; model "
+        f"{args.duration} s per server, a KV pool of {args.kv_tokens} tokens for both "
+        "(`--num-gpu-blocks-override`: 32-token blocks of all layers for `none`, of one "
+        "layer for the policy's per-layer groups), one server at a time; model "
         f"SmolLM2-135M-Instruct (bf16, vLLM 0.32.0 CPU), machine {platform.machine()}, "
         f"{len(os.sched_getaffinity(0))} cores. Latencies are of whole requests "
         "(streams included); TTFT/TPOT rows are the locust METRIC entries.",

@@ -151,11 +151,6 @@ def _complete_or_clean_error(url: str, prompt: str) -> str:
     return f"rejected {response.status_code}"
 
 
-@pytest.mark.xfail(
-    reason="its only run so far failed: on an overloaded 2-core machine a whole-prompt prefill "
-    "outlasted vLLM's step timeout (docs/ENGINE.md); runs every time, XPASS once it holds",
-    strict=False,
-)
 def test_concurrent_mixed_aborted_and_preempted_requests_leak_nothing(tiny_server) -> None:
     url = tiny_server.url
     preempted_before = metric(url, "vllm:num_preemptions_total")
