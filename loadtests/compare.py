@@ -46,7 +46,8 @@ def run_policy(args: argparse.Namespace, policy: str) -> dict:
             str(args.duration), "--spawn-rate", str(args.users), "--policy", policy,
             "--out", str(args.out), "--name", name,
             # vLLM refuses a model length the pool could not hold once.
-            "--", "--block-size", str(BLOCK_SIZE), "--max-model-len", str(min(4096, args.kv_tokens)),
+            "--", "--block-size", str(BLOCK_SIZE),
+            "--max-model-len", str(min(4096, args.kv_tokens)),
             "--num-gpu-blocks-override", str(pool_blocks(policy, args.kv_tokens))]
     if policy != "none":
         argv += ["--kv-budget", str(args.budget)]

@@ -99,8 +99,9 @@ def test_a_requests_budget_beats_the_servers(entropy_server, uncompressed_usage:
 
 
 @pytest.mark.xfail(
-    reason="goal not met yet: offline, entropy at 25% kept finds 0/9 needles where the full "
-    "cache finds 7/9 (docs/RESULTS.md); this 135M model needs the whole needle sentence",
+    reason="not yet shown through the server: with the question in a partial block outside "
+    "the observation window entropy found 0/5 to none's 4/5; fixed since, and offline today's "
+    "defaults find 4/5 like the full cache (README); XPASS when it holds",
     strict=False,
 )
 def test_entropy_keeps_needle_retrieval(server, entropy_server) -> None:
