@@ -124,6 +124,8 @@ class OpenAIUser(HttpUser):
     def _body(self, endpoint: str, text: str, stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0.7, "stream": stream,
+            # An answer may end at once (EOS first); one token keeps TTFT measurable.
+            "min_tokens": 1,
         }
         if endpoint == "chat":
             body["messages"] = [{"role": "user", "content": text}]
