@@ -21,23 +21,11 @@ from pathlib import Path
 
 import run as loadtest
 
-from vllm_entropy_kv import assets
 from vllm_entropy_kv.bench.report import write_section
+from vllm_entropy_kv.launch import pool_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
-BLOCK_SIZE = 32  # what a policy sets; given to `none` too
-
-
-def pool_blocks(policy: str, kv_tokens: int) -> int:
-    """`--num-gpu-blocks-override` for a pool of `kv_tokens` tokens of full KV (all layers).
-    With `none` a block holds 32 tokens of every layer; with a policy, each layer has its
-    own KV cache group and a block holds 32 tokens of one layer."""
-    blocks = kv_tokens // BLOCK_SIZE
-    if policy == "none":
-        return blocks
-    config = json.loads((assets.prepare_model() / "config.json").read_text())
-    return blocks * int(config["num_hidden_layers"])
 
 
 def run_policy(args: argparse.Namespace, policy: str) -> dict:
@@ -45,10 +33,7 @@ def run_policy(args: argparse.Namespace, policy: str) -> dict:
     argv = ["--profile", args.profile, "--users", str(args.users), "--duration",
             str(args.duration), "--spawn-rate", str(args.users), "--policy", policy,
             "--out", str(args.out), "--name", name,
-            # vLLM refuses a model length the pool could not hold once.
-            "--", "--block-size", str(BLOCK_SIZE),
-            "--max-model-len", str(min(4096, args.kv_tokens)),
-            "--num-gpu-blocks-override", str(pool_blocks(policy, args.kv_tokens))]
+            "--", *pool_flags(policy, args.kv_tokens)]
     if policy != "none":
         argv += ["--kv-budget", str(args.budget)]
     code = loadtest.main(argv)

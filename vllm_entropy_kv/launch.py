@@ -8,6 +8,7 @@ the benchmark and the load tests, so all of them run the server the same way.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -44,6 +45,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((DEFAULT_HOST, 0))
         return s.getsockname()[1]
+
+
+def pool_flags(policy: str | None, kv_tokens: int, block_size: int = 32) -> list[str]:
+    """`vllm serve` flags for a KV pool of `kv_tokens` tokens of full KV (every layer), the
+    same memory whatever the policy. `VLLM_CPU_KVCACHE_SPACE` counts whole GiB only. With
+    `none` a block holds `block_size` tokens of every layer; with a policy each layer has its
+    own KV cache group and a block holds them for one layer."""
+    blocks = kv_tokens // block_size
+    if policy not in (None, "none"):
+        config = json.loads((assets.prepare_model() / "config.json").read_text())
+        blocks *= int(config["num_hidden_layers"])
+    return ["--block-size", str(block_size), "--num-gpu-blocks-override", str(blocks),
+            # vLLM refuses a model length the pool could not hold once.
+            "--max-model-len", str(min(4096, kv_tokens // block_size * block_size))]
 
 
 def metric(url: str, name: str, label: str = "") -> float:

@@ -2,7 +2,7 @@
 
 Starts the servers it needs (or takes `--url`, a server started with a KV policy), one at a
 time: a main server (`--kv-cache-gib`, default 4) for latency, batch decode and the needle,
-and a small-memory server (`--capacity-kv-gib`, default 0.25) where many long requests
+and a small-pool server (`--capacity-kv-tokens`, default 5000) where many long requests
 compete for blocks. Every request names its policy and budget in `vllm_xargs`, so all cells,
 `none` included, run side by side on the same server, scheduling and memory, and each is
 reported as a ratio to `none`. Progress goes to stderr; `--quick` shrinks the grid.
@@ -30,7 +30,7 @@ from vllm_entropy_kv.bench.probes import (
     prompt_of_tokens,
     timed_completion,
 )
-from vllm_entropy_kv.launch import VllmServer, free_port, metric
+from vllm_entropy_kv.launch import VllmServer, free_port, metric, pool_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "BENCHMARKS.md"
@@ -64,7 +64,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--needle-length", type=int, default=3000)
     parser.add_argument("--needle-depths", default="0.1,0.3,0.5,0.7,0.9")
     parser.add_argument("--kv-cache-gib", default="4")
-    parser.add_argument("--capacity-kv-gib", default="0.25")
+    parser.add_argument("--capacity-kv-tokens", type=int, default=5000,
+                        help="KV pool of the capacity server, tokens of full KV")
     parser.add_argument("--quick", action="store_true",
                         help="entropy and snapkv at 0.25, 1000/3000 tokens, batch 4, 3 depths")
     parser.add_argument("--no-docs", action="store_true", help="print only, leave docs/")
@@ -79,13 +80,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def with_server(url: str | None, name: str, kv_gib: str, run: Callable[[str], None]) -> None:
+def with_server(url: str | None, name: str, extra_args: Sequence[str], kv_gib: str | None,
+                run: Callable[[str], None]) -> None:
     """Run `run(url)` against `url`, or against a server started here with `entropy`."""
     if url:
         run(url.rstrip("/"))
         return
     server = VllmServer(LOGS / f"server-{name}.log", port=free_port(), policy="entropy",
-                        kv_cache_gib=kv_gib)
+                        extra_args=extra_args, kv_cache_gib=kv_gib)
     print(f"[bench] starting {name} server: {' '.join(server.command)}", file=sys.stderr,
           flush=True)
     with server:
@@ -146,19 +148,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.capacity[cell.label] = concurrent_batch(url, prompts, cell, 32)
             progress.step(f"capacity {cell.label}")
 
-    with_server(args.url, "main", args.kv_cache_gib, main_server)
-    with_server(args.capacity_url, "capacity", args.capacity_kv_gib, capacity_server)
+    # A stage that fails is reported, and what the other stages measured is still written.
+    failures: list[str] = []
+    for stage, url, flags, kv_gib, run in (
+        ("main", args.url, (), args.kv_cache_gib, main_server),
+        ("capacity", args.capacity_url, pool_flags("entropy", args.capacity_kv_tokens), None,
+         capacity_server),
+    ):
+        try:
+            with_server(url, stage, flags, kv_gib, run)
+        except Exception as e:  # noqa: BLE001 - any failure of a stage ends only that stage
+            print(f"[bench] the {stage} stage failed: {e!r}", file=sys.stderr, flush=True)
+            failures.append(f"the {stage} stage failed: {str(e).splitlines()[0]}")
 
     command = "python -m vllm_entropy_kv.bench " + " ".join(
         argv if argv is not None else sys.argv[1:])
     text = render(args, results, cells, sweep, headline, command.strip(), started)
+    text += "".join(f"\n\n**Not measured**: {failure}" for failure in failures)
     print(text)
     if not args.no_docs:
         report.plot(results, cells, args.lengths, PLOT)
         report.write_section(DOCS, "bench",
                              text + f"\n\n![bench]({PLOT.relative_to(DOCS.parent)})")
         print(f"written to {DOCS} and {PLOT}", file=sys.stderr)
-    return 0
+    return 1 if failures else 0
 
 
 def render(args, results, cells, sweep, headline, command: str, started: str) -> str:
@@ -172,7 +185,7 @@ def render(args, results, cells, sweep, headline, command: str, started: str) ->
         f"{len(os.sched_getaffinity(0))} cores. Every cell ran on the same "
         "server through per-request settings (`vllm_xargs`), one after the other; ratios "
         f"are to `none` on that server. Main server KV cache {args.kv_cache_gib} GiB, "
-        f"capacity server {args.capacity_kv_gib} GiB.",
+        f"capacity server a pool of {args.capacity_kv_tokens} tokens.",
         "",
         "### One request at a time: TTFT and time per output token against prompt length",
         "",
@@ -191,7 +204,7 @@ def render(args, results, cells, sweep, headline, command: str, started: str) ->
         report.batch_table(results.batch, sweep),
         "",
         f"### Capacity: {args.capacity_requests} requests of {args.capacity_length} tokens at "
-        f"once in {args.capacity_kv_gib} GiB of KV cache",
+        f"once in a KV pool of {args.capacity_kv_tokens} tokens",
         "",
         report.batch_table(results.capacity, [Cell("none")] + entropy_capacity),
         "",
