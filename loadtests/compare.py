@@ -22,7 +22,7 @@ from pathlib import Path
 import run as loadtest
 
 from vllm_entropy_kv.bench.report import write_section
-from vllm_entropy_kv.launch import pool_flags
+from vllm_entropy_kv.launch import DEFAULT_DTYPE, pool_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.duration} s per server, a KV pool of {args.kv_tokens} tokens for both "
         "(`--num-gpu-blocks-override`: 32-token blocks of all layers for `none`, of one "
         "layer for the policy's per-layer groups), one server at a time; model "
-        f"SmolLM2-135M-Instruct (bf16, vLLM 0.32.0 CPU), machine {platform.machine()}, "
+        f"SmolLM2-135M-Instruct ({DEFAULT_DTYPE}, vLLM 0.32.0 CPU), machine {platform.machine()}, "
         f"{len(os.sched_getaffinity(0))} cores. Latencies are of whole requests "
         "(streams included); TTFT/TPOT rows are the locust METRIC entries.",
         "",

@@ -171,10 +171,8 @@ def _float(value: str) -> float | None:
 
 
 def _ms(value: str) -> str:
-    try:
-        return f"{float(value):.0f}"
-    except ValueError:
-        return value
+    number = _float(value)
+    return value if number is None else f"{number:.0f}"
 
 
 def summary(rows: list[dict[str, str]]) -> str:

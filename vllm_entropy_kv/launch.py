@@ -47,11 +47,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pool_flags(policy: str | None, kv_tokens: int, block_size: int = 32) -> list[str]:
+def pool_flags(policy: str | None, kv_tokens: int) -> list[str]:
     """`vllm serve` flags for a KV pool of `kv_tokens` tokens of full KV (every layer), the
-    same memory whatever the policy. `VLLM_CPU_KVCACHE_SPACE` counts whole GiB only. With
-    `none` a block holds `block_size` tokens of every layer; with a policy each layer has its
-    own KV cache group and a block holds them for one layer."""
+    same memory whatever the policy. `VLLM_CPU_KVCACHE_SPACE` counts whole GiB only. Blocks
+    have the size a policy sets; with `none` a block holds them for every layer, with a policy
+    each layer has its own KV cache group and a block holds them for one layer."""
+    # Imported here: the engine package loads vLLM, which `make serve` need not wait for.
+    from vllm_entropy_kv.engine.setup import COMPRESSION_BLOCK_SIZE as block_size
+
     blocks = kv_tokens // block_size
     if policy not in (None, "none"):
         config = json.loads((assets.prepare_model() / "config.json").read_text())

@@ -30,7 +30,7 @@ from vllm_entropy_kv.bench.probes import (
     prompt_of_tokens,
     timed_completion,
 )
-from vllm_entropy_kv.launch import VllmServer, free_port, metric, pool_flags
+from vllm_entropy_kv.launch import DEFAULT_DTYPE, VllmServer, free_port, metric, pool_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "BENCHMARKS.md"
@@ -180,8 +180,8 @@ def render(args, results, cells, sweep, headline, command: str, started: str) ->
     lines = [
         "## Serving benchmark",
         "",
-        f"`{command}`, started {started}; model SmolLM2-135M-Instruct (float32, vLLM 0.32.0 "
-        f"CPU, `--enforce-eager`), {platform.machine()} machine, "
+        f"`{command}`, started {started}; model SmolLM2-135M-Instruct ({DEFAULT_DTYPE}, "
+        f"vLLM 0.32.0 CPU, `--enforce-eager`), {platform.machine()} machine, "
         f"{len(os.sched_getaffinity(0))} cores. Every cell ran on the same "
         "server through per-request settings (`vllm_xargs`), one after the other; ratios "
         f"are to `none` on that server. Main server KV cache {args.kv_cache_gib} GiB, "
