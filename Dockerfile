@@ -30,11 +30,13 @@ ENV PYTHON=python3.11 \
     VLLM_ENTROPY_KV_CACHE=/app/cache
 RUN bash scripts/install.sh
 
-# As vllm_entropy_kv.launch.serve_environment: KV cache size, no hub, one core for the engine.
+# As vllm_entropy_kv.launch.serve_environment: KV cache size, no hub, one core for the engine,
+# a step timeout long enough for a whole-prompt prefill on a small CPU.
 ENV PATH=/app/.venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     VLLM_CPU_KVCACHE_SPACE=2 \
-    VLLM_CPU_NUM_OF_RESERVED_CPU=1
+    VLLM_CPU_NUM_OF_RESERVED_CPU=1 \
+    VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS=1200
 
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \

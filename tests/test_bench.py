@@ -24,8 +24,8 @@ def test_tables_report_ratios_to_none() -> None:
     results.single[("entropy@0.25", 3000)] = Timing(3000, 64, 2.2, 0.030, 4.1)
     text = single_table(results, [Cell("none"), Cell("entropy", 0.25)], [3000])
     assert "1.10x" in text and "0.75x" in text
-    batches = {"none": Batch([Timing(7000, 64, 9.0, 0.2, 22.0)], 4, 3, 22.0),
-               "entropy@0.25": Batch([Timing(7000, 64, 9.5, 0.1, 16.0)], 14, 0, 16.0)}
+    batches = {"none": Batch([Timing(7000, 64, 9.0, 0.2, 22.0)], 4, 3, 22.0, 0.95),
+               "entropy@0.25": Batch([Timing(7000, 64, 9.5, 0.1, 16.0)], 14, 0, 16.0, 0.9)}
     text = batch_table(batches, [Cell("none"), Cell("entropy", 0.25)])
     assert "3.50x" in text and "0.50x" in text
     assert ratio(None, 1.0) == ratio(1.0, 0) == "–"

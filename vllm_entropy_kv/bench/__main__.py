@@ -2,7 +2,7 @@
 
 Starts the servers it needs (or takes `--url`, a server started with a KV policy), one at a
 time: a main server (`--kv-cache-gib`, default 4) for latency, batch decode and the needle,
-and a small-pool server (`--capacity-kv-tokens`, default 5000) where many long requests
+and a small-pool server (`--capacity-kv-tokens`, default 10000) where many long requests
 compete for blocks. Every request names its policy and budget in `vllm_xargs`, so all cells,
 `none` included, run side by side on the same server, scheduling and memory, and each is
 reported as a ratio to `none`. Progress goes to stderr; `--quick` shrinks the grid.
@@ -28,7 +28,7 @@ from vllm_entropy_kv.bench.probes import (
     concurrent_batch,
     needle_hits,
     prompt_of_tokens,
-    timed_completion,
+    sampled_completion,
 )
 from vllm_entropy_kv.launch import DEFAULT_DTYPE, VllmServer, free_port, metric, pool_flags
 
@@ -59,12 +59,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lengths", default="1000,3000,7000", help="prompt tokens")
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8, help="concurrent requests, longest length")
-    parser.add_argument("--capacity-requests", type=int, default=16)
+    parser.add_argument("--capacity-requests", type=int, default=22,
+                        help="enough to fill the pool at 25%% kept (about 3.5x none's)")
     parser.add_argument("--capacity-length", type=int, default=1500)
     parser.add_argument("--needle-length", type=int, default=3000)
     parser.add_argument("--needle-depths", default="0.1,0.3,0.5,0.7,0.9")
     parser.add_argument("--kv-cache-gib", default="4")
-    parser.add_argument("--capacity-kv-tokens", type=int, default=5000,
+    parser.add_argument("--capacity-kv-tokens", type=int, default=10000,
                         help="KV pool of the capacity server, tokens of full KV")
     parser.add_argument("--quick", action="store_true",
                         help="entropy and snapkv at 0.25, 1000/3000 tokens, batch 4, 3 depths")
@@ -118,13 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One request at a time: TTFT and TPOT against length, then every cell at 3k-ish.
         for cell in sweep:
             for length in args.lengths:
-                results.single[(cell.label, length)] = timed_completion(
+                results.single[(cell.label, length)] = sampled_completion(
                     url, prompt_of_tokens(length), cell, args.output_tokens)
                 progress.step(f"single {cell.label} {length} tokens")
         mid = sorted(args.lengths)[len(args.lengths) // 2]
         for cell in cells:
             if (cell.label, mid) not in results.single:
-                results.single[(cell.label, mid)] = timed_completion(
+                results.single[(cell.label, mid)] = sampled_completion(
                     url, prompt_of_tokens(mid), cell, args.output_tokens)
             progress.step(f"single {cell.label} {mid} tokens")
         for policy in args.policies:

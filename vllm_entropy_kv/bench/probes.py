@@ -7,6 +7,7 @@ policy serves every cell of the grid with the same scheduling and KV memory, `no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -62,6 +63,10 @@ class Timing:
     ttft_s: float
     tpot_s: float
     total_s: float
+    peak_kv_fraction: float = 0.0  # of the server's KV pool, sampled while it ran
+
+
+KV_USAGE = "vllm:kv_cache_usage_perc"  # a fraction of the pool, despite its name
 
 
 def timed_completion(url: str, prompt: str, cell: Cell, max_tokens: int) -> Timing:
@@ -129,6 +134,7 @@ class Batch:
     peak_running: int
     preemptions: int
     seconds: float
+    peak_kv_fraction: float
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -147,14 +153,22 @@ def concurrent_batch(url: str, prompts: list[str], cell: Cell, max_tokens: int) 
     preempted = metric(url, "vllm:num_preemptions_total")
     started = time.perf_counter()
     with PeakSampler(url, "vllm:num_requests_running") as running, \
-            ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+            PeakSampler(url, KV_USAGE) as kv_usage, ThreadPoolExecutor(max_workers=len(prompts)) as pool:
         timings = list(pool.map(lambda p: timed_completion(url, p, cell, max_tokens), prompts))
     return Batch(
         timings=timings,
         peak_running=int(running.peak),
         preemptions=int(metric(url, "vllm:num_preemptions_total") - preempted),
         seconds=time.perf_counter() - started,
+        peak_kv_fraction=kv_usage.peak,
     )
+
+
+def sampled_completion(url: str, prompt: str, cell: Cell, max_tokens: int) -> Timing:
+    """`timed_completion` with the peak KV pool use while it ran (alone on the server)."""
+    with PeakSampler(url, KV_USAGE) as kv_usage:
+        timing = timed_completion(url, prompt, cell, max_tokens)
+    return dataclasses.replace(timing, peak_kv_fraction=kv_usage.peak)
 
 
 def needle_hits(url: str, cell: Cell, length: int, depths: list[float]) -> int:

@@ -45,10 +45,11 @@ def single_table(results: Results, cells: Sequence[Cell], lengths: Sequence[int]
                 cell.policy, "1" if cell.policy == "none" else f"{cell.budget:g}", t.prompt_tokens,
                 f"{t.ttft_s:.2f}", ratio(t.ttft_s, base and base.ttft_s),
                 f"{t.tpot_s * 1000:.1f}", ratio(t.tpot_s, base and base.tpot_s),
-                f"{t.output_tokens / t.total_s:.1f}",
+                f"{t.output_tokens / t.total_s:.1f}", f"{t.peak_kv_fraction:.2%}",
+                ratio(t.peak_kv_fraction, base and base.peak_kv_fraction),
             ])
     return table(["policy", "budget", "prompt tokens", "TTFT s", "TTFT vs none",
-                  "TPOT ms", "TPOT vs none", "tokens/s"], rows)
+                  "TPOT ms", "TPOT vs none", "tokens/s", "peak KV use", "vs none"], rows)
 
 
 def batch_table(batches: dict[str, Batch], cells: Sequence[Cell]) -> str:
@@ -65,9 +66,11 @@ def batch_table(batches: dict[str, Batch], cells: Sequence[Cell]) -> str:
             ratio(b.mean_tpot_s, base and base.mean_tpot_s),
             f"{b.output_tokens_per_s:.2f}", ratio(b.output_tokens_per_s,
                                                   base and base.output_tokens_per_s),
+            f"{b.peak_kv_fraction:.1%}",
         ])
     return table(["cell", "requests", "peak running", "vs none", "preemptions", "mean TTFT s",
-                  "mean TPOT ms", "TPOT vs none", "output tokens/s", "vs none"], rows)
+                  "mean TPOT ms", "TPOT vs none", "output tokens/s", "vs none", "peak KV use"],
+                 rows)
 
 
 def needle_table(results: Results, cells: Sequence[Cell]) -> str:
