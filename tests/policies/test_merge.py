@@ -29,7 +29,8 @@ def test_merged_attention_equals_full_attention() -> None:
     # recent >= window: every dropped token is seen by every window query, so tokens with
     # equal keys also get equal mass (the merge weights).
     budget = Budget(keep=20, sink_tokens=2, recent_tokens=8, block_size=1)
-    plan = get_policy("entropy-merge", summary_fraction=0.25, chunk_size=1).plan([obs], budget)[0]
+    merge = get_policy("entropy-merge", summary_fraction=0.25, chunk_size=1, reach=1)
+    plan = merge.plan([obs], budget)[0]
     assert plan.num_summaries == 5 and plan.num_physical == 20
     assert set(HOT) <= set(plan.keep.tolist())
     dropped = complement(plan.keep, 64)

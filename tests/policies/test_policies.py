@@ -19,7 +19,7 @@ from vllm_entropy_kv.policies.budgets import (
     total_budget,
     uniform_budgets,
 )
-from vllm_entropy_kv.policies.selection import chunk_scores
+from vllm_entropy_kv.policies.selection import carry_forward, chunk_scores
 from vllm_entropy_kv.policies.stats import attention_stats, layer_entropies
 
 ALL = available_policies()
@@ -163,16 +163,37 @@ def test_attention_policies_keep_the_attended_tokens(name: str) -> None:
     # Room for the pooled neighbourhoods (SnapKV smooths over 5 tokens) and for entropy's
     # three 32-token chunks.
     budget = Budget(keep=110, sink_tokens=2, recent_tokens=4, block_size=1)
-    plan = get_policy(name).plan([spiky_layer(200, hot)], budget)[0]
+    # Without entropy's reach, whose continuations would double the chunks (tested below).
+    params = {"reach": 1} if name == "entropy" else {}
+    plan = get_policy(name, **params).plan([spiky_layer(200, hot)], budget)[0]
     assert set(hot) <= set(plan.keep.tolist())
 
 
 def test_entropy_keeps_whole_chunks_around_attended_tokens() -> None:
     budget = Budget(keep=38, sink_tokens=2, recent_tokens=4, block_size=1)
-    plan = get_policy("entropy", chunk_size=16).plan([spiky_layer(200, [40, 77])], budget)[0]
+    plan = get_policy("entropy", chunk_size=16, reach=1).plan([spiky_layer(200, [40, 77])],
+                                                              budget)[0]
     assert set(range(32, 48)) | set(range(64, 80)) <= set(plan.keep.tolist())
-    per_token = get_policy("entropy", chunk_size=1).plan([spiky_layer(200, [40, 77])], budget)[0]
+    per_token = get_policy("entropy", chunk_size=1, reach=1).plan([spiky_layer(200, [40, 77])],
+                                                                  budget)[0]
     assert not set(range(32, 48)) <= set(per_token.keep.tolist())
+
+
+def test_entropy_keeps_what_follows_an_attended_token() -> None:
+    """The needle's case: the question attends to a fact's key, its answer follows it."""
+    budget = Budget(keep=36, sink_tokens=2, recent_tokens=2, block_size=1)
+    layer = spiky_layer(200, [60])
+    carried = get_policy("entropy", chunk_size=1, reach=32).plan([layer], budget)[0]
+    assert set(range(60, 92)) <= set(carried.keep.tolist())
+    alone = get_policy("entropy", chunk_size=1, reach=1).plan([layer], budget)[0]
+    assert not set(range(60, 92)) <= set(alone.keep.tolist())
+
+
+def test_carry_forward_takes_the_best_score_within_reach() -> None:
+    scores = torch.tensor([0.0, 5.0, 1.0, float("nan"), 0.0, 2.0])
+    assert carry_forward(scores, 3).tolist() == [0.0, 5.0, 5.0, 5.0, 1.0, 2.0]
+    assert carry_forward(scores, 1) is scores
+    assert carry_forward(torch.tensor([float("nan"), 1.0]), 2)[0].isnan()
 
 
 def test_chunk_scores_average_each_chunk_and_skip_nan() -> None:

@@ -8,7 +8,12 @@ from typing import ClassVar
 from vllm_entropy_kv.policies.base import Budget, LayerObservation
 from vllm_entropy_kv.policies.budgets import entropy_budgets
 from vllm_entropy_kv.policies.registry import register_policy
-from vllm_entropy_kv.policies.selection import LayerScores, ScorerPolicy, chunk_scores
+from vllm_entropy_kv.policies.selection import (
+    LayerScores,
+    ScorerPolicy,
+    carry_forward,
+    chunk_scores,
+)
 from vllm_entropy_kv.policies.stats import GroupReduce, attention_stats, layer_entropies
 
 
@@ -29,6 +34,11 @@ class EntropyPolicy(ScorerPolicy):
     exponent: budgets are proportional to entropy ** exponent (0 = uniform).
     min_fraction, max_fraction: per-layer clamps as fractions of the prompt length.
     group_reduce: how the query heads of one KV head combine ("mean", "max", "sum").
+    reach: a token scores at least as high as the attended tokens up to `reach - 1` positions
+        before it (1: off), so a fact's continuation is kept with the key a question matched.
+        With 32-token chunks a fact often straddles two chunks; the key's chunk was kept and
+        the answer's dropped. Server-like offline needle (whole chat prompt compressed, 3k
+        tokens, 9 depths, 25% kept): reach 32 6/9, reach 1 5/9, the full cache 7/9.
     chunk_size: tokens are kept or dropped in chunks of this many positions (1: per token).
     """
 
@@ -38,12 +48,13 @@ class EntropyPolicy(ScorerPolicy):
     min_fraction: float = 0.0
     max_fraction: float = 1.0
     group_reduce: GroupReduce = "mean"
+    reach: int = 32
     chunk_size: int = 32
 
     def score(self, obs: LayerObservation, layer_idx: int) -> LayerScores:
         stats = attention_stats(obs, self.observation_queries, entropy=True)
-        return LayerScores(chunk_scores(stats.token_scores(self.group_reduce), self.chunk_size),
-                           stats)
+        carried = carry_forward(stats.token_scores(self.group_reduce), self.reach)
+        return LayerScores(chunk_scores(carried, self.chunk_size), stats)
 
     def allocate(self, scores: list[LayerScores], budget: Budget, n: int) -> list[int]:
         entropies = layer_entropies([s.stats for s in scores if s.stats is not None])

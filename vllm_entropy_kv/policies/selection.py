@@ -10,6 +10,7 @@ import abc
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from vllm_entropy_kv.policies.base import Budget, KVPolicy, LayerObservation, LayerPlan
 from vllm_entropy_kv.policies.budgets import uniform_budgets
@@ -80,6 +81,19 @@ def chunk_scores(scores: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return means.repeat_interleave(chunk_size)[:n]
 
 
+def carry_forward(scores: torch.Tensor, reach: int) -> torch.Tensor:
+    """[n] -> [n]: every token gets the highest score among itself and the `reach - 1` tokens
+    before it, so what follows an attended token is kept with it: a question attends to the
+    key of a fact ("San Francisco"), its answer comes after ("Dolores Park"). NaN counts as
+    no score; `reach` 1 returns the scores unchanged."""
+    if reach <= 1:
+        return scores
+    low = torch.full((reach - 1,), float("-inf"), device=scores.device)
+    padded = torch.cat([low, torch.nan_to_num(scores.float(), nan=float("-inf"))])
+    carried = F.max_pool1d(padded.view(1, 1, -1), reach, stride=1).view(-1)
+    return carried.masked_fill(carried == float("-inf"), float("nan"))
+
+
 def complement(keep: torch.Tensor, n: int) -> torch.Tensor:
     """Sorted int64 positions in [0, n) not in `keep`."""
     mask = torch.ones(n, dtype=torch.bool, device=keep.device)
@@ -135,6 +149,7 @@ class ScorerPolicy(KVPolicy):
 __all__ = [
     "LayerScores",
     "ScorerPolicy",
+    "carry_forward",
     "chunk_scores",
     "complement",
     "forced_mask",
