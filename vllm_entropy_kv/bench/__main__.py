@@ -56,6 +56,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--capacity-url", help="a running small-memory server for capacity")
     parser.add_argument("--policies", default=",".join(COMPRESSING))
     parser.add_argument("--budgets", default="0.1,0.25,0.5")
+    parser.add_argument("--capacity-budgets", help="entropy budgets of the capacity test "
+                        "(default: --budgets)")
     parser.add_argument("--lengths", default="1000,3000,7000", help="prompt tokens")
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8, help="concurrent requests, longest length")
@@ -76,6 +78,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.batch, args.capacity_requests, args.needle_depths = 4, 12, "0.1,0.5,0.9"
     args.policies = [p for p in args.policies.split(",") if p]
     args.budgets = [float(b) for b in args.budgets.split(",")]
+    args.capacity_budgets = ([float(b) for b in args.capacity_budgets.split(",")]
+                             if args.capacity_budgets else args.budgets)
     args.lengths = [int(n) for n in args.lengths.split(",")]
     args.needle_depths = [float(d) for d in args.needle_depths.split(",")]
     return args
@@ -110,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep = [none, Cell("entropy", 0.25)]
     longest = max(args.lengths)
     results = report.Results(needle_cases=len(args.needle_depths))
-    total = (len(sweep) * len(args.lengths) + len(cells) + 2 + len(args.budgets) + 1
+    total = (len(sweep) * len(args.lengths) + len(cells) + 2 + len(args.capacity_budgets) + 1
              + len([none] + headline))
     progress = Progress(total)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -145,39 +149,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     def capacity_server(url: str) -> None:
         prompts = [prompt_of_tokens(args.capacity_length, 1231 * i)
                    for i in range(args.capacity_requests)]
-        for cell in [none] + [Cell("entropy", b) for b in args.budgets]:
+        for cell in [none] + [Cell("entropy", b) for b in args.capacity_budgets]:
             results.capacity[cell.label] = concurrent_batch(url, prompts, cell, 32)
             progress.step(f"capacity {cell.label}")
 
-    # A stage that fails is reported, and what the other stages measured is still written.
+    command = "python -m vllm_entropy_kv.bench " + " ".join(
+        argv if argv is not None else sys.argv[1:])
     failures: list[str] = []
-    for stage, url, flags, kv_gib, run in (
+
+    def publish(unfinished: Sequence[str]) -> str:
+        """Render what has been measured and write it to docs/ (after every stage, so a run
+        cut short still leaves its finished stages)."""
+        text = render(args, results, cells, sweep, headline, command.strip(), started)
+        text += "".join(f"\n\n**Not measured**: {failure}" for failure in failures)
+        text += "".join(f"\n\n**Not measured yet**: the {stage} stage was still to run when "
+                        "this was written." for stage in unfinished)
+        if not args.no_docs:
+            report.plot(results, cells, args.lengths, PLOT)
+            report.write_section(DOCS, "bench",
+                                 text + f"\n\n![bench]({PLOT.relative_to(DOCS.parent)})")
+            print(f"[bench] written to {DOCS} and {PLOT}", file=sys.stderr, flush=True)
+        return text
+
+    # A stage that fails is reported, and what the other stages measured is still written.
+    stages = [
         ("main", args.url, (), args.kv_cache_gib, main_server),
         ("capacity", args.capacity_url, pool_flags("entropy", args.capacity_kv_tokens), None,
          capacity_server),
-    ):
+    ]
+    for i, (stage, url, flags, kv_gib, run) in enumerate(stages):
         try:
             with_server(url, stage, flags, kv_gib, run)
         except Exception as e:  # noqa: BLE001 - any failure of a stage ends only that stage
             print(f"[bench] the {stage} stage failed: {e!r}", file=sys.stderr, flush=True)
             failures.append(f"the {stage} stage failed: {str(e).splitlines()[0]}")
-
-    command = "python -m vllm_entropy_kv.bench " + " ".join(
-        argv if argv is not None else sys.argv[1:])
-    text = render(args, results, cells, sweep, headline, command.strip(), started)
-    text += "".join(f"\n\n**Not measured**: {failure}" for failure in failures)
+        text = publish([later for later, *_ in stages[i + 1:]])
     print(text)
-    if not args.no_docs:
-        report.plot(results, cells, args.lengths, PLOT)
-        report.write_section(DOCS, "bench",
-                             text + f"\n\n![bench]({PLOT.relative_to(DOCS.parent)})")
-        print(f"written to {DOCS} and {PLOT}", file=sys.stderr)
     return 1 if failures else 0
 
 
 def render(args, results, cells, sweep, headline, command: str, started: str) -> str:
     mid = sorted(args.lengths)[len(args.lengths) // 2]
-    entropy_capacity = [Cell("entropy", b) for b in args.budgets]
+    entropy_capacity = [Cell("entropy", b) for b in args.capacity_budgets]
     lines = [
         "## Serving benchmark",
         "",
