@@ -72,3 +72,30 @@ def run_server_needle(
             answer = ask(url, model, needle_message(length, depth), extra_body)
             results.append(NeedleResult(length, depth, KEY_PHRASE in answer.lower(), answer))
     return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m vllm_entropy_kv.eval.server_needle --url URL`: hits per policy, side by side
+    on one server started with a KV policy (each request names its own policy and budget)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8000")
+    parser.add_argument("--policies", default="none,entropy")
+    parser.add_argument("--budget", type=float, default=0.25)
+    parser.add_argument("--lengths", default="3000", help="prompt tokens, comma-separated")
+    parser.add_argument("--depths", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    args = parser.parse_args(argv)
+    lengths = [int(n) for n in args.lengths.split(",")]
+    depths = [float(d) for d in args.depths.split(",")]
+    for policy in args.policies.split(","):
+        xargs = {"kv_policy": policy} | ({} if policy == "none" else {"kv_budget": args.budget})
+        results = run_server_needle(args.url.rstrip("/"), lengths, depths,
+                                    extra_body={"vllm_xargs": xargs})
+        missed = [(r.length, r.depth) for r in results if not r.hit]
+        print(f"{policy}: {sum(r.hit for r in results)}/{len(results)} hits; missed "
+              f"(length, depth): {missed}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
