@@ -29,6 +29,7 @@ from vllm_entropy_kv.dashboard import (
     render,
     substitute,
 )
+from vllm_entropy_kv.engine.setup import COMPRESSION_BLOCK_SIZE
 from vllm_entropy_kv.launch import DEFAULT_DTYPE, VllmServer, free_port
 from vllm_entropy_kv.metrics import EntropyKVStats, MetricName, build_stats
 
@@ -231,7 +232,7 @@ def traffic(entropy_server: VllmServer, prometheus: PrometheusServer) -> KnownRe
 @pytest.mark.server
 def test_counters_match_the_known_request(traffic: KnownRequest) -> None:
     config = model_config()
-    block_size = 32  # the policy's default; the server runs without --block-size
+    block_size = COMPRESSION_BLOCK_SIZE  # the server runs without --block-size
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     # K and V in the served dtype: for SmolLM2-135M in float32, 3 kv heads x 64 x 2 x 4 B
     # = 1536 B per token per layer.

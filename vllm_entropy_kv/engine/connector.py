@@ -105,7 +105,7 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
     ) -> tuple[set[str] | None, set[str] | None]:
         worker = compression_worker()
         for req_id in finished_req_ids:
-            worker.forget(req_id)
+            worker.finish(req_id)
         return None, None
 
     # Scheduler side.

@@ -95,6 +95,7 @@ class CompressionWorker:
         self.freed: dict[str, dict[int, BlockRange]] = {}
         self.log_bias: dict[str, dict[int, torch.Tensor]] = {}
         self.pending: dict[str, PendingCompression] = {}
+        self.request_configs: dict[str, KVPolicyConfig] = {}
         self.reports: dict[str, CompressionReport] = {}
         self.stats = EntropyKVStats()
 
@@ -128,12 +129,17 @@ class CompressionWorker:
         with invalid settings gets the server's, with a warning, rather than failing the batch.
         """
         assert self.config is not None
+        # Every layer's metadata builder asks; a request's settings never change.
+        if (known := self.request_configs.get(req_id)) is not None:
+            return known
         params = getattr(self._request_state(req_id), "sampling_params", None)
         try:
-            return self.config.for_request(getattr(params, "extra_args", None))
+            config = self.config.for_request(getattr(params, "extra_args", None))
         except KVPolicyConfigError as e:
             logger.warning("vllm-entropy-kv: %s: %s; using the server's settings", req_id, e)
-            return self.config
+            config = self.config
+        self.request_configs[req_id] = config
+        return config
 
     def min_tokens_to_compress(self, config: KVPolicyConfig) -> int:
         """Prompts shorter than this are left alone: nothing could be freed."""
@@ -148,10 +154,15 @@ class CompressionWorker:
         return num_tokens if num_tokens >= self.min_tokens_to_compress(config) else 0
 
     def forget(self, req_id: str) -> None:
-        """Drop all state of a request (finished, or recomputed from scratch after preemption)."""
+        """Drop a request's compaction state (it is recomputed from scratch after preemption)."""
         self.freed.pop(req_id, None)
         self.log_bias.pop(req_id, None)
         self.pending.pop(req_id, None)
+
+    def finish(self, req_id: str) -> None:
+        """Drop all state of a finished request."""
+        self.forget(req_id)
+        self.request_configs.pop(req_id, None)
 
     def capture(
         self,
