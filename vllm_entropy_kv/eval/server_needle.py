@@ -85,11 +85,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--lengths", default="3000", help="prompt tokens, comma-separated")
     parser.add_argument("--depths", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="another per-request setting, e.g. kv_merge_bias=false")
     args = parser.parse_args(argv)
+    settings = dict(item.split("=", 1) for item in args.set)
     lengths = [int(n) for n in args.lengths.split(",")]
     depths = [float(d) for d in args.depths.split(",")]
     for policy in args.policies.split(","):
-        xargs = {"kv_policy": policy} | ({} if policy == "none" else {"kv_budget": args.budget})
+        xargs = {"kv_policy": policy} | (
+            {} if policy == "none" else {"kv_budget": args.budget, **settings})
         results = run_server_needle(args.url.rstrip("/"), lengths, depths,
                                     extra_body={"vllm_xargs": xargs})
         missed = [(r.length, r.depth) for r in results if not r.hit]
