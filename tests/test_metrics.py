@@ -139,6 +139,21 @@ def test_merged_tokens_are_counted_apart_from_evicted_ones() -> None:
     assert entry["tokens_evicted"] == 256 - (64 - 4) - 50
 
 
+
+def test_a_policy_that_merges_all_it_drops_evicts_exactly_zero() -> None:
+    """30 layers whose summaries stand for every dropped token: a mean of floats put
+    evicted at -2e-13 here, and the Prometheus counter's refusal took the server down."""
+    slots_per_layer = [805, 1101, 286, 202, 587, 974, 1044, 506, 742, 183, 122, 381, 1035,
+                       563, 919, 911, 218, 982, 362, 236, 769, 633, 936, 766, 760, 455, 217,
+                       992, 258, 385]
+    prompt, compressible = 2238, 2221
+    summaries = {layer: (m // 10, compressible - (m - m // 10))
+                 for layer, m in enumerate(slots_per_layer)}
+    stats = EntropyKVStats()
+    stats.record_compression("entropy-merge", prompt, compressible,
+                             dict(enumerate(slots_per_layer)), 0.1, None, summaries)
+    assert stats.data["entropy-merge"]["tokens_evicted"] == 0
+
 # --- against the entropy server and a real Prometheus ---------------------------------------
 
 

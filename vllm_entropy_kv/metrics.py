@@ -124,17 +124,22 @@ class EntropyKVStats(KVConnectorStats):
             return
         tail = prompt_tokens - compressible_tokens
         kept = {layer: m + tail for layer, m in kept_per_layer.items()}
-        mean_kept = sum(kept.values()) / len(kept)
         summaries = summaries_per_layer or {}
-        mean_slots = sum(slots for slots, _ in summaries.values()) / len(kept)
-        mean_merged = sum(merged for _, merged in summaries.values()) / len(kept)
+        # Sums over layers in integers before one division: a difference of float means
+        # (evicted = prompt - kept + slots - merged) can come out at -1e-13 when a policy
+        # merges everything it drops, and a Prometheus counter refuses negative increments.
+        kept_sum = sum(kept.values())
+        slots_sum = sum(slots for slots, _ in summaries.values())
+        merged_sum = sum(merged for _, merged in summaries.values())
+        evicted_sum = len(kept) * prompt_tokens - (kept_sum - slots_sum) - merged_sum
+        mean_kept = kept_sum / len(kept)
         entry = self._policy(policy)
         for key, value in (
             ("requests", 1),
             ("prompt_tokens", prompt_tokens),
             ("tokens_kept", mean_kept),
-            ("tokens_evicted", prompt_tokens - (mean_kept - mean_slots) - mean_merged),
-            ("tokens_merged", mean_merged),
+            ("tokens_evicted", max(0, evicted_sum) / len(kept)),
+            ("tokens_merged", merged_sum / len(kept)),
         ):
             entry[key] = entry.get(key, 0) + value
         entry[RATIO] = mean_kept / prompt_tokens if prompt_tokens else 1.0
