@@ -16,6 +16,9 @@ def test_cells_send_settings_the_server_accepts() -> None:
         config = server.for_request(cell.xargs())
         assert config.policy == cell.policy
     assert Cell("snapkv", 0.25).label == "snapkv@0.25" and Cell("none").label == "none"
+    unbiased = Cell("src", 0.25, (("kv_merge_bias", False),))
+    assert not server.for_request(unbiased.xargs()).merge_bias
+    assert unbiased.label == "src@0.25 kv_merge_bias=false"
 
 
 def test_tables_report_ratios_to_none() -> None:
@@ -29,6 +32,19 @@ def test_tables_report_ratios_to_none() -> None:
     text = batch_table(batches, [Cell("none"), Cell("entropy", 0.25)])
     assert "3.50x" in text and "0.50x" in text
     assert ratio(None, 1.0) == ratio(1.0, 0) == "–"
+
+
+def test_decode_time_per_token_is_read_while_every_request_decodes() -> None:
+    def streamed(*times: float) -> Timing:
+        return Timing(7000, len(times), times[0], 0.0, times[-1], token_times=times)
+
+    # Both decode from t=4 (b's first token) to t=10 (a's last): a's gaps there are 1 s,
+    # b's 2 s; a's tokens before t=4 came between prefills and are left out.
+    a, b = streamed(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10), streamed(4, 6, 8, 10, 12)
+    assert Batch([a, b], 2, 0, 12.0, 0.5).all_decoding_tpot_s == 1.5
+    # One finished before the other started: they never decoded together.
+    early, late = streamed(0, 1, 2), streamed(5, 6, 7)
+    assert Batch([early, late], 1, 0, 7.0, 0.5).all_decoding_tpot_s is None
 
 
 def test_sections_of_the_page_are_replaced_not_duplicated(tmp_path: Path) -> None:

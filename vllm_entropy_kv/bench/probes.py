@@ -31,15 +31,17 @@ class Cell:
 
     policy: str
     budget: float = 1.0
+    settings: tuple[tuple[str, object], ...] = ()  # other per-request settings (vllm_xargs)
 
     @property
     def label(self) -> str:
-        return "none" if self.policy == "none" else f"{self.policy}@{self.budget:g}"
+        name = "none" if self.policy == "none" else f"{self.policy}@{self.budget:g}"
+        return name + "".join(f" {key}={json.dumps(value)}" for key, value in self.settings)
 
     def xargs(self) -> dict[str, object]:
         if self.policy == "none":
             return {"kv_policy": "none"}
-        return {"kv_policy": self.policy, "kv_budget": self.budget}
+        return {"kv_policy": self.policy, "kv_budget": self.budget, **dict(self.settings)}
 
 
 @lru_cache(maxsize=1)
@@ -64,6 +66,7 @@ class Timing:
     tpot_s: float
     total_s: float
     peak_kv_fraction: float = 0.0  # of the server's KV pool, sampled while it ran
+    token_times: tuple[float, ...] = ()  # perf_counter() at each streamed chunk with text
 
 
 KV_USAGE = "vllm:kv_cache_usage_perc"  # a fraction of the pool, despite its name
@@ -71,7 +74,7 @@ KV_USAGE = "vllm:kv_cache_usage_perc"  # a fraction of the pool, despite its nam
 
 def timed_completion(url: str, prompt: str, cell: Cell, max_tokens: int) -> Timing:
     started = time.perf_counter()
-    first = last = None
+    token_times: list[float] = []
     usage: dict = {}
     with requests.post(f"{url}/v1/completions", stream=True, timeout=3600, json={
         "model": SERVED_MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens,
@@ -85,18 +88,19 @@ def timed_completion(url: str, prompt: str, cell: Cell, max_tokens: int) -> Timi
             chunk = json.loads(line[5:])
             usage = chunk.get("usage") or usage
             if any(choice.get("text") for choice in chunk.get("choices") or ()):
-                last = time.perf_counter()
-                first = first if first is not None else last
+                token_times.append(time.perf_counter())
     end = time.perf_counter()
-    if first is None or last is None:
+    if not token_times:
         raise RuntimeError(f"{cell.label}: the stream carried no text")
     output_tokens = int(usage.get("completion_tokens", max_tokens))
+    first, last = token_times[0], token_times[-1]
     return Timing(
         prompt_tokens=int(usage.get("prompt_tokens", 0)),
         output_tokens=output_tokens,
         ttft_s=first - started,
         tpot_s=(last - first) / max(1, output_tokens - 1),
         total_s=end - started,
+        token_times=tuple(token_times),
     )
 
 
@@ -147,6 +151,25 @@ class Batch:
     @property
     def mean_ttft_s(self) -> float:
         return sum(t.ttft_s for t in self.timings) / len(self.timings)
+
+    @property
+    def all_decoding_tpot_s(self) -> float | None:
+        """Time per output token while every request of the batch decodes: from the last
+        first token (no prefill left to interleave) to the first request's end, the mean
+        over requests of the gaps between their tokens in that window. None when the
+        requests never all decoded at once (e.g. the pool could not hold them) or the
+        window holds fewer than two tokens of some request."""
+        if not all(t.token_times for t in self.timings):
+            return None
+        start = max(t.token_times[0] for t in self.timings)
+        end = min(t.token_times[-1] for t in self.timings)
+        gaps = []
+        for t in self.timings:
+            window = [s for s in t.token_times if start <= s <= end]
+            if len(window) < 2:
+                return None
+            gaps.append((window[-1] - window[0]) / (len(window) - 1))
+        return sum(gaps) / len(gaps)
 
 
 def concurrent_batch(url: str, prompts: list[str], cell: Cell, max_tokens: int) -> Batch:

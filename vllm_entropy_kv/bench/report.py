@@ -64,13 +64,19 @@ def batch_table(batches: dict[str, Batch], cells: Sequence[Cell]) -> str:
             ratio(b.peak_running, base and base.peak_running), b.preemptions,
             f"{b.mean_ttft_s:.1f}", f"{b.mean_tpot_s * 1000:.1f}",
             ratio(b.mean_tpot_s, base and base.mean_tpot_s),
+            _ms(b.all_decoding_tpot_s),
+            ratio(b.all_decoding_tpot_s, base and base.all_decoding_tpot_s),
             f"{b.output_tokens_per_s:.2f}", ratio(b.output_tokens_per_s,
                                                   base and base.output_tokens_per_s),
             f"{b.peak_kv_fraction:.1%}",
         ])
     return table(["cell", "requests", "peak running", "vs none", "preemptions", "mean TTFT s",
-                  "mean TPOT ms", "TPOT vs none", "output tokens/s", "vs none", "peak KV use"],
-                 rows)
+                  "mean TPOT ms", "TPOT vs none", "TPOT all decoding ms", "vs none",
+                  "output tokens/s", "vs none", "peak KV use"], rows)
+
+
+def _ms(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds * 1000:.1f}"
 
 
 def needle_table(results: Results, cells: Sequence[Cell]) -> str:
