@@ -6,8 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from vllm_entropy_kv.bench.probes import Batch, Cell, Timing
-from vllm_entropy_kv.bench.report import Results, batch_table, ratio, single_table, write_section
+from vllm_entropy_kv.bench.report import (
+    Results,
+    batch_table,
+    perplexity_table,
+    ratio,
+    single_table,
+    write_section,
+)
 from vllm_entropy_kv.config import KVPolicyConfig
+from vllm_entropy_kv.eval.perplexity import Scored
 
 
 def test_cells_send_settings_the_server_accepts() -> None:
@@ -31,6 +39,10 @@ def test_tables_report_ratios_to_none() -> None:
                "entropy@0.25": Batch([Timing(7000, 64, 9.5, 0.1, 16.0)], 14, 0, 16.0, 0.9)}
     text = batch_table(batches, [Cell("none"), Cell("entropy", 0.25)])
     assert "3.50x" in text and "0.50x" in text
+    results.perplexity = {"none": Scored(nll=200.0, tokens=100), "entropy@0.25": Scored(
+        nll=210.0, tokens=100)}
+    text = perplexity_table(results, [Cell("none"), Cell("entropy", 0.25)])
+    assert "7.389" in text and "8.166" in text and "1.11x" in text
     assert ratio(None, 1.0) == ratio(1.0, 0) == "–"
 
 

@@ -41,7 +41,7 @@ def model():
 def document(model):
     from vllm_entropy_kv.eval.texts import perplexity_documents
 
-    return perplexity_documents(model, plays=0, britannica=1, n_context=512, n_continuation=64)[0]
+    return perplexity_documents(model.encode, plays=0, britannica=1, n_context=512, n_continuation=64)[0]
 
 
 def _eviction_policies() -> list[str]:

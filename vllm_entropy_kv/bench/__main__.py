@@ -1,15 +1,15 @@
 """`python -m vllm_entropy_kv.bench`: the serving benchmark, written to docs/BENCHMARKS.md.
 
 Starts the servers it needs (or takes `--url`, a server started with a KV policy), one at a
-time: a main server (`--kv-cache-gib`, default 4) for latency, batch decode and the needle,
-and a small-pool server (`--capacity-kv-tokens`, default 20000) where many long requests
-compete for blocks. Every request names its policy and budget in `vllm_xargs`, so all cells,
-`none` included, run side by side on the same server, scheduling and memory, and each is
-reported as a ratio to `none`. Progress goes to stderr; `--quick` shrinks the grid.
+time: a main server (`--kv-cache-gib`, default 4) for latency, batch decode, the needle and
+perplexity, and a small-pool server (`--capacity-kv-tokens`, default 20000) where many long
+requests compete for blocks. Every request names its policy and budget in `vllm_xargs`, so
+all cells, `none` included, run side by side on the same server, scheduling and memory, and
+each is reported as a ratio to `none`. Progress goes to stderr; `--quick` shrinks the grid;
+`--stages` picks stages (the perplexity stage writes its own section of the page).
 
-Perplexity through the server is not measured: compression runs at the end of a prompt's
-prefill, so the prompt logprobs of a continuation are computed before it, from the full
-cache, and would show no effect.
+Perplexity is scored by teacher forcing (`vllm_entropy_kv.forced_tokens`), not with prompt
+logprobs: those are computed during the prefill, before compression, and would show nothing.
 """
 
 from __future__ import annotations
@@ -23,9 +23,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vllm_entropy_kv.bench import report
+from vllm_entropy_kv.eval.perplexity import Scored
+from vllm_entropy_kv.eval.texts import perplexity_documents
 from vllm_entropy_kv.bench.probes import (
     Cell,
     concurrent_batch,
+    continuation_nll,
+    encode,
     needle_hits,
     prompt_of_tokens,
     sampled_completion,
@@ -39,6 +43,7 @@ PLOT = ROOT / "docs" / "img" / "bench.png"
 LOGS = ROOT / "reports" / "bench"
 COMPRESSING = ("entropy", "entropy-merge", "src", "streaming", "snapkv", "pyramid")
 SUMMARISING = ("entropy-merge", "src")  # policies whose summary tokens take the merge bias
+STAGES = ("main", "perplexity", "capacity")
 
 
 class Progress:
@@ -70,6 +75,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--capacity-length", type=int, default=2000)
     parser.add_argument("--needle-length", type=int, default=3000)
     parser.add_argument("--needle-depths", default="0.1,0.3,0.5,0.7,0.9")
+    parser.add_argument("--perplexity-context", type=int, default=2048,
+                        help="tokens of each text window that are compressed")
+    parser.add_argument("--perplexity-continuation", type=int, default=128,
+                        help="tokens after the context that are scored")
+    parser.add_argument("--perplexity-windows", default="3,2",
+                        help="text windows: Shakespeare plays, Britannica")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated, of {', '.join(STAGES)}")
     parser.add_argument("--kv-cache-gib", default="4")
     parser.add_argument("--capacity-kv-tokens", type=int, default=20000,
                         help="KV pool of the capacity server, tokens of full KV")
@@ -80,12 +93,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:
         args.policies, args.budgets, args.lengths = "entropy,snapkv", "0.25", "1000,3000"
         args.batch, args.capacity_requests, args.needle_depths = 4, 12, "0.1,0.5,0.9"
+        args.perplexity_windows = "1,1"
     args.policies = [p for p in args.policies.split(",") if p]
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.capacity_budgets = ([float(b) for b in args.capacity_budgets.split(",")]
                              if args.capacity_budgets else args.budgets)
     args.lengths = [int(n) for n in args.lengths.split(",")]
     args.needle_depths = [float(d) for d in args.needle_depths.split(",")]
+    args.perplexity_windows = [int(n) for n in args.perplexity_windows.split(",")]
+    args.stages = [s for s in args.stages.split(",") if s]
+    unknown = sorted(set(args.stages) - set(STAGES))
+    if unknown:
+        parser.error(f"--stages: unknown {', '.join(unknown)} (valid: {', '.join(STAGES)})")
     return args
 
 
@@ -114,19 +133,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     none = Cell("none")
     headline = [Cell(p, 0.25) for p in args.policies]
-    # Summaries with and without their log(count) bias, side by side on the same haystacks.
+    # Summaries with and without their log(count) bias, side by side on the same inputs.
     unbiased = [Cell(p, 0.25, (("kv_merge_bias", False),))
                 for p in args.policies if p in SUMMARISING]
     cells = [none] + [Cell(p, b) for p in args.policies for b in args.budgets]
     sweep = [none, Cell("entropy", 0.25)]
     longest = max(args.lengths)
     results = report.Results(needle_cases=len(args.needle_depths))
-    total = (len(sweep) * len(args.lengths) + len(cells) + 2 + len(args.capacity_budgets) + 1
-             + len([none] + headline + unbiased))
-    progress = Progress(total)
+    plays, britannica = args.perplexity_windows
+    documents = perplexity_documents(encode, plays, britannica, args.perplexity_context,
+                                     args.perplexity_continuation
+                                     ) if "perplexity" in args.stages else []
+    steps = {
+        "main": len(sweep) * len(args.lengths) + len(cells) + 2 + len([none] + headline + unbiased),
+        "perplexity": len(cells + unbiased),
+        "capacity": len(args.capacity_budgets) + 1,
+    }
+    progress = Progress(sum(steps[stage] for stage in args.stages))
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
-    def main_server(url: str) -> None:
+    def main_stage(url: str) -> None:
         # A first request of each policy pays one-time costs (imports, first kernels: the
         # first entropy request of the last run had a 1.1 s longer TTFT at 1k tokens); none
         # of them should land in a measured cell.
@@ -158,7 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                      args.needle_depths)
             progress.step(f"needle {cell.label}")
 
-    def capacity_server(url: str) -> None:
+    def perplexity_stage(url: str) -> None:
+        for cell in cells + unbiased:
+            scores = [continuation_nll(url, document, cell) for document in documents]
+            results.perplexity[cell.label] = Scored(sum(s.nll for s in scores),
+                                                    sum(s.tokens for s in scores))
+            progress.step(f"perplexity {cell.label}")
+
+    def capacity_stage(url: str) -> None:
         prompts = [prompt_of_tokens(args.capacity_length, 1231 * i)
                    for i in range(args.capacity_requests)]
         for cell in [none] + [Cell("entropy", b) for b in args.capacity_budgets]:
@@ -167,51 +200,97 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     command = "python -m vllm_entropy_kv.bench " + " ".join(
         argv if argv is not None else sys.argv[1:])
-    failures: list[str] = []
+    failures: dict[str, str] = {}
+    done: list[str] = []
 
-    def publish(unfinished: Sequence[str]) -> str:
+    def publish() -> str:
         """Render what has been measured and write it to docs/ (after every stage, so a run
         cut short still leaves its finished stages)."""
-        text = render(args, results, cells, sweep, headline + unbiased, command.strip(), started)
-        text += "".join(f"\n\n**Not measured**: {failure}" for failure in failures)
-        text += "".join(f"\n\n**Not measured yet**: the {stage} stage was still to run when "
-                        "this was written." for stage in unfinished)
+        header = report_header(args, command.strip(), started)
+        sections = {
+            "bench": ("main", "capacity"),
+            "bench-perplexity": ("perplexity",),
+        }
+        texts = {
+            "bench": render(args, results, cells, sweep, headline + unbiased, header),
+            "bench-perplexity": render_perplexity(args, results, cells + unbiased, documents,
+                                                  header),
+        }
+        printed = []
+        for section, its_stages in sections.items():
+            ran = [stage for stage in its_stages if stage in args.stages]
+            if not ran:
+                continue
+            text = texts[section] + "".join(
+                f"\n\n**Not measured**: the {stage} stage failed: {failures[stage]}"
+                for stage in ran if stage in failures) + "".join(
+                f"\n\n**Not measured yet**: the {stage} stage was still to run when this "
+                "was written." for stage in ran if stage not in done)
+            printed.append(text)
+            if not args.no_docs:
+                if section == "bench":
+                    report.plot(results, cells, args.lengths, PLOT)
+                    text += f"\n\n![bench]({PLOT.relative_to(DOCS.parent)})"
+                report.write_section(DOCS, section, text)
         if not args.no_docs:
-            report.plot(results, cells, args.lengths, PLOT)
-            report.write_section(DOCS, "bench",
-                                 text + f"\n\n![bench]({PLOT.relative_to(DOCS.parent)})")
-            print(f"[bench] written to {DOCS} and {PLOT}", file=sys.stderr, flush=True)
-        return text
+            print(f"[bench] written to {DOCS}", file=sys.stderr, flush=True)
+        return "\n\n".join(printed)
 
-    # A stage that fails is reported, and what the other stages measured is still written.
-    stages = [
-        ("main", args.url, (), args.kv_cache_gib, main_server),
+    def fail(stage: str, error: Exception) -> None:
+        print(f"[bench] the {stage} stage failed: {error!r}", file=sys.stderr, flush=True)
+        failures[stage] = str(error).splitlines()[0]
+
+    def run_stages(stages: Sequence[tuple[str, Callable[[str], None]]]) -> Callable[[str], None]:
+        def run(url: str) -> None:
+            for stage, measure in stages:
+                try:
+                    measure(url)
+                except Exception as e:  # noqa: BLE001 - a failed stage ends only itself
+                    fail(stage, e)
+                done.append(stage)
+                publish()
+        return run
+
+    servers = [
+        ("main", args.url, (), args.kv_cache_gib,
+         [("main", main_stage), ("perplexity", perplexity_stage)]),
         ("capacity", args.capacity_url, pool_flags("entropy", args.capacity_kv_tokens), None,
-         capacity_server),
+         [("capacity", capacity_stage)]),
     ]
-    for i, (stage, url, flags, kv_gib, run) in enumerate(stages):
+    for name, url, flags, kv_gib, stages in servers:
+        chosen = [(stage, measure) for stage, measure in stages if stage in args.stages]
+        if not chosen:
+            continue
         try:
-            with_server(url, stage, flags, kv_gib, run)
-        except Exception as e:  # noqa: BLE001 - any failure of a stage ends only that stage
-            print(f"[bench] the {stage} stage failed: {e!r}", file=sys.stderr, flush=True)
-            failures.append(f"the {stage} stage failed: {str(e).splitlines()[0]}")
-        text = publish([later for later, *_ in stages[i + 1:]])
-    print(text)
+            with_server(url, name, flags, kv_gib, run_stages(chosen))
+        except Exception as e:  # noqa: BLE001 - the server failed: its stages are not measured
+            for stage, _ in chosen:
+                if stage not in done:
+                    fail(stage, e)
+                    done.append(stage)
+            publish()
+    print(publish())
     return 1 if failures else 0
 
 
-def render(args, results, cells, sweep, needle_cells, command: str, started: str) -> str:
-    mid = sorted(args.lengths)[len(args.lengths) // 2]
-    entropy_capacity = [Cell("entropy", b) for b in args.capacity_budgets]
-    lines = [
-        "## Serving benchmark",
-        "",
+def report_header(args: argparse.Namespace, command: str, started: str) -> str:
+    return (
         f"`{command}`, started {started}; model SmolLM2-135M-Instruct ({DEFAULT_DTYPE}, "
         f"vLLM 0.32.0 CPU, `--enforce-eager`), {platform.machine()} machine, "
         f"{len(os.sched_getaffinity(0))} cores. Every cell ran on the same "
         "server through per-request settings (`vllm_xargs`), one after the other; ratios "
         f"are to `none` on that server. Main server KV cache {args.kv_cache_gib} GiB, "
-        f"capacity server a pool of {args.capacity_kv_tokens} tokens.",
+        f"capacity server a pool of {args.capacity_kv_tokens} tokens."
+    )
+
+
+def render(args, results, cells, sweep, needle_cells, header: str) -> str:
+    mid = sorted(args.lengths)[len(args.lengths) // 2]
+    entropy_capacity = [Cell("entropy", b) for b in args.capacity_budgets]
+    lines = [
+        "## Serving benchmark",
+        "",
+        header,
         "",
         "### One request at a time: TTFT and time per output token against prompt length",
         "",
@@ -244,11 +323,25 @@ def render(args, results, cells, sweep, needle_cells, command: str, started: str
         f"{args.needle_depths})",
         "",
         report.needle_table(results, [Cell("none")] + needle_cells),
-        "",
-        "Perplexity through the server: not measured (the prompt logprobs of a continuation "
-        "are computed during prefill, before compression).",
     ]
     return "\n".join(lines)
+
+
+def render_perplexity(args, results, cells, documents, header: str) -> str:
+    return "\n".join([
+        "## Perplexity through the server",
+        "",
+        header,
+        "",
+        f"{len(documents)} windows of real text ({', '.join(d.name for d in documents)}): "
+        f"each request's prompt is {args.perplexity_context} tokens of a window, compressed "
+        f"at the end of its prefill; the {args.perplexity_continuation} tokens after them are "
+        "decoded by teacher forcing (`vllm_xargs.forced_token_ids`) and scored with the "
+        "model's logprobs, all but the first (predicted before compression). Perplexity is "
+        "token-weighted over the windows.",
+        "",
+        report.perplexity_table(results, cells),
+    ])
 
 
 if __name__ == "__main__":

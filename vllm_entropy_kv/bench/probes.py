@@ -16,10 +16,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import requests
+import torch
 
 from vllm_entropy_kv.assets import SERVED_MODEL_NAME
+from vllm_entropy_kv.eval.perplexity import Scored
 from vllm_entropy_kv.eval.server_needle import run_server_needle, tokenizer
-from vllm_entropy_kv.eval.texts import essays_text
+from vllm_entropy_kv.eval.texts import Document, essays_text
+from vllm_entropy_kv.forced_tokens import FORCED_TOKENS_ARG
 from vllm_entropy_kv.launch import metric
 
 QUESTION = "\n\nQuestion: what is the main point of the text above?\nAnswer:"
@@ -197,3 +200,28 @@ def sampled_completion(url: str, prompt: str, cell: Cell, max_tokens: int) -> Ti
 def needle_hits(url: str, cell: Cell, length: int, depths: list[float]) -> int:
     results = run_server_needle(url, [length], depths, extra_body={"vllm_xargs": cell.xargs()})
     return sum(r.hit for r in results)
+
+
+def encode(text: str) -> torch.Tensor:
+    """Token ids [1, n] of the served model, without special tokens (as `Model.encode`)."""
+    return tokenizer()(text, add_special_tokens=False, return_tensors="pt").input_ids
+
+
+def continuation_nll(url: str, document: Document, cell: Cell) -> Scored:
+    """The document's continuation scored over its compressed context by teacher forcing
+    (`vllm_entropy_kv.forced_tokens`). Its first token, predicted by the prefill before
+    compression, is left out, as offline (`eval/perplexity.py`)."""
+    forced = document.continuation[0].tolist()
+    response = requests.post(f"{url}/v1/completions", timeout=3600, json={
+        "model": SERVED_MODEL_NAME, "prompt": document.context[0].tolist(),
+        "max_tokens": len(forced), "temperature": 0, "logprobs": 0, "ignore_eos": True,
+        "return_tokens_as_token_ids": True,
+        "vllm_xargs": {**cell.xargs(), FORCED_TOKENS_ARG: forced},
+    })
+    response.raise_for_status()
+    logprobs = response.json()["choices"][0]["logprobs"]
+    emitted = [int(token.removeprefix("token_id:")) for token in logprobs["tokens"]]
+    if emitted != forced:
+        raise RuntimeError(f"{cell.label}: the server did not decode the forced tokens "
+                           "(is the vllm.logits_processors entry point installed?)")
+    return Scored(nll=-sum(logprobs["token_logprobs"][1:]), tokens=len(forced) - 1)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_entropy_kv.bench.probes import Batch, Cell, Timing
+from vllm_entropy_kv.eval.perplexity import Scored
 
 
 @dataclass
@@ -19,6 +20,7 @@ class Results:
     needle: dict[str, int] = field(default_factory=dict)
     needle_cases: int = 0
     prefill_seconds: dict[str, float] = field(default_factory=dict)
+    perplexity: dict[str, Scored] = field(default_factory=dict)
 
 
 def ratio(value: float | None, reference: float | None) -> str:
@@ -85,6 +87,17 @@ def needle_table(results: Results, cells: Sequence[Cell]) -> str:
              ratio(results.needle[cell.label], base)]
             for cell in cells if cell.label in results.needle]
     return table(["cell", "hits", "vs none"], rows)
+
+
+def perplexity_table(results: Results, cells: Sequence[Cell]) -> str:
+    base = results.perplexity.get("none")
+    rows = []
+    for cell in cells:
+        scored = results.perplexity.get(cell.label)
+        if scored is not None:
+            rows.append([cell.label, scored.tokens, f"{scored.perplexity:.3f}",
+                         ratio(scored.perplexity, base and base.perplexity)])
+    return table(["cell", "scored tokens", "perplexity", "vs none"], rows)
 
 
 def plot(results: Results, cells: Sequence[Cell], lengths: Sequence[int], path: Path) -> None:

@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return images
 
     docs = perplexity_documents(
-        model, size["plays"], size["britannica"], size["context"], size["continuation"]
+        model.encode, size["plays"], size["britannica"], size["context"], size["continuation"]
     )
     if "profile" in args.tasks and docs:
         chosen = [p for p in (args.profile_policies or DEFAULT_PROFILE_POLICIES) if p in registered]

@@ -9,7 +9,7 @@ continuation token, predicted by the uncompressed prefill, is left out).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +21,12 @@ from vllm_entropy_kv.eval.model import Model
 
 @dataclass
 class Scored:
-    """Summed negative log-likelihood of `tokens` continuation tokens (+ recorded queries)."""
+    """Summed negative log-likelihood of `tokens` continuation tokens (+ recorded queries
+    offline; a server-scored continuation has none)."""
 
     nll: float
     tokens: int
-    records: dict[int, LayerRecord]
+    records: dict[int, LayerRecord] = field(default_factory=dict)
 
     @property
     def perplexity(self) -> float:

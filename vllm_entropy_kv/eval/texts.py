@@ -4,13 +4,16 @@ haystack."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vllm_entropy_kv import assets
-from vllm_entropy_kv.eval.model import Model
+
+# Text to token ids [1, n] without special tokens (`Model.encode`, or a tokenizer's).
+Encode = Callable[[str], torch.Tensor]
 
 BRITANNICA = "britannica-11th.txt"
 # Skip front matter (title pages, lists of persons, archive headers).
@@ -50,10 +53,10 @@ def play_paths() -> list[Path]:
 
 
 def _windows(
-    model: Model, path: Path, source: str, count: int, n_context: int, n_continuation: int
+    encode: Encode, path: Path, source: str, count: int, n_context: int, n_continuation: int
 ) -> list[Document]:
     """`count` evenly spaced, non-overlapping windows of one text, after its front matter."""
-    ids = model.encode(path.read_text(encoding="utf-8", errors="replace"))[0]
+    ids = encode(path.read_text(encoding="utf-8", errors="replace"))[0]
     span = n_context + n_continuation
     start = int(len(ids) * _START_FRACTION)
     room = len(ids) - start - span
@@ -78,7 +81,7 @@ def _windows(
 
 
 def perplexity_documents(
-    model: Model, plays: int, britannica: int, n_context: int, n_continuation: int
+    encode: Encode, plays: int, britannica: int, n_context: int, n_continuation: int
 ) -> list[Document]:
     """`plays` windows from as many different plays (spread over the alphabet) and
     `britannica` windows from the Britannica entry."""
@@ -86,9 +89,9 @@ def perplexity_documents(
     chosen = [paths[round(i * (len(paths) - 1) / max(1, plays - 1))] for i in range(plays)]
     docs = []
     for path in dict.fromkeys(chosen):
-        docs += _windows(model, path, "gutenberg", 1, n_context, n_continuation)
+        docs += _windows(encode, path, "gutenberg", 1, n_context, n_continuation)
     docs += _windows(
-        model, gutenberg_dir() / BRITANNICA, "britannica", britannica, n_context, n_continuation
+        encode, gutenberg_dir() / BRITANNICA, "britannica", britannica, n_context, n_continuation
     )
     return docs
 

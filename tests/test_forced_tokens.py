@@ -1,0 +1,112 @@
+"""Teacher forcing (`vllm_xargs.forced_token_ids`), the way the benchmark scores a
+continuation over the compressed cache: the rules without vLLM's engine, then a real server."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import requests
+import torch
+from helpers import prompt_of_words
+
+from vllm_entropy_kv.assets import SERVED_MODEL_NAME
+from vllm_entropy_kv.eval.server_needle import tokenizer
+from vllm_entropy_kv.forced_tokens import ForcedTokensLogitsProcessor, forced_token_ids
+from vllm_entropy_kv.launch import VllmServer
+
+VOCAB = 10
+
+
+def params(forced: object, max_tokens: int | None = None):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, extra_args={"forced_token_ids": forced})
+
+
+@pytest.mark.parametrize("forced", ["1,2", [], [1, -2], [1.5], [True], {"a": 1}])
+def test_forced_ids_that_are_not_token_ids_are_refused_naming_the_field(forced: object) -> None:
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError) as err:
+        forced_token_ids(params(forced))
+    assert err.value.parameter == "vllm_xargs.forced_token_ids"
+
+
+def test_more_steps_than_forced_ids_are_refused() -> None:
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError) as err:
+        forced_token_ids(params([1, 2], max_tokens=3))
+    assert err.value.parameter == "max_tokens"
+    assert forced_token_ids(params([1, 2], max_tokens=2)) == [1, 2]
+
+
+def test_each_step_lets_only_its_forced_id_through() -> None:
+    config = SimpleNamespace(model_config=SimpleNamespace(get_vocab_size=lambda: VOCAB))
+    processor = ForcedTokensLogitsProcessor(config, torch.device("cpu"), False)
+    assert processor.new_req_logits_processor(SimpleNamespace(extra_args=None)) is None
+    force = processor.new_req_logits_processor(params([3, 7, 99]))
+    logits = torch.arange(VOCAB, dtype=torch.float32)
+    output: list[int] = []
+    for expected in (3, 7, VOCAB - 1):  # an id past the vocabulary becomes its last
+        step = force(output, logits)
+        assert int(step.argmax()) == expected and torch.isinf(step).sum() == VOCAB - 1
+        output.append(expected)
+    assert force(output, logits) is logits  # past the forced ids: the model's own
+
+
+def forced(url: str, context: list[int], continuation: list[int], policy: str) -> list[float]:
+    response = requests.post(f"{url}/v1/completions", timeout=600, json={
+        "model": SERVED_MODEL_NAME, "prompt": context, "max_tokens": len(continuation),
+        "temperature": 0, "logprobs": 0, "ignore_eos": True, "return_tokens_as_token_ids": True,
+        "vllm_xargs": {"kv_policy": policy, "forced_token_ids": continuation},
+    })
+    response.raise_for_status()
+    logprobs = response.json()["choices"][0]["logprobs"]
+    assert [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]] == continuation
+    return logprobs["token_logprobs"]
+
+
+@pytest.mark.server
+def test_forced_tokens_get_the_models_logprobs_over_the_compressed_cache(
+    entropy_server: VllmServer,
+) -> None:
+    ids = tokenizer().encode(prompt_of_words(900, 500))  # ~1.2k tokens: compressed at 0.25
+    context, continuation = ids[:-24], ids[-24:]
+    # Uncompressed, decoding the continuation gives the logprobs that scoring it in the prompt
+    # gives: the forced steps report the model's own distribution, not the forced one.
+    scored = requests.post(f"{entropy_server.url}/v1/completions", timeout=600, json={
+        "model": SERVED_MODEL_NAME, "prompt": ids, "max_tokens": 1, "temperature": 0,
+        "prompt_logprobs": 0, "vllm_xargs": {"kv_policy": "none"},
+    })
+    scored.raise_for_status()
+    in_prompt = [entry[str(token)]["logprob"] for entry, token in zip(
+        scored.json()["choices"][0]["prompt_logprobs"][len(context):], continuation)]
+    full = forced(entropy_server.url, context, continuation, "none")
+    assert full == pytest.approx(in_prompt, abs=2e-3)
+    # Compressed, the first token (predicted by the prefill, before compression) is the same
+    # and the others are read over the compressed cache.
+    compressed = forced(entropy_server.url, context, continuation, "entropy")
+    assert compressed[0] == pytest.approx(full[0], abs=2e-3)
+    assert max(abs(a - b) for a, b in zip(compressed[1:], full[1:])) > 1e-2
+
+
+@pytest.mark.server
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"max_tokens": 2, "vllm_xargs": {"forced_token_ids": "1,2"}}, "vllm_xargs.forced_token_ids"),
+    ({"max_tokens": 2, "vllm_xargs": {"forced_token_ids": [1, -1]}},
+     "vllm_xargs.forced_token_ids"),
+    ({"max_tokens": 3, "vllm_xargs": {"forced_token_ids": [1, 2]}}, "max_tokens"),
+])
+def test_bad_forced_tokens_are_a_400_naming_the_field(
+    entropy_server: VllmServer, extra: dict, param: str
+) -> None:
+    response = requests.post(f"{entropy_server.url}/v1/completions", timeout=60, data=json.dumps(
+        {"model": SERVED_MODEL_NAME, "prompt": "Hello", **extra}),
+        headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "forced_token_ids" in error["message"] and param in (error.get("param") or "") + \
+        error["message"], error
