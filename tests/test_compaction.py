@@ -18,7 +18,7 @@ from vllm_entropy_kv.config import KVPolicyConfig  # noqa: E402
 from vllm_entropy_kv.engine.summaries import (  # noqa: E402
     bias_supported,
     biased_decode_attention,
-    gather_kv,
+    paged_kv,
 )
 from vllm_entropy_kv.engine.worker import CaptureRequest, CompressionWorker  # noqa: E402
 from vllm_entropy_kv.policies import Budget, LayerObservation, get_policy  # noqa: E402
@@ -129,9 +129,34 @@ def test_cache_reads_back_what_the_cache_op_wrote() -> None:
     block_row = torch.tensor([4, 1, 3], dtype=torch.int32)
     kv_cache = torch.zeros(6, HKV, BLOCK, 2 * D, dtype=torch.bfloat16)
     write(kv_cache, isa, keys, values, block_row, 0)
-    got_keys, got_values = gather_kv(kv_cache, block_row, 70)
+    got_keys, got_values = paged_kv(kv_cache, block_row, 70)
+    got_keys = got_keys.transpose(2, 3).reshape(HKV, 3 * BLOCK, D)[:, :70]
+    got_values = got_values.reshape(HKV, 3 * BLOCK, D)[:, :70]
     assert torch.equal(got_keys, keys.transpose(0, 1))
     assert torch.equal(got_values, values.transpose(0, 1))
+
+
+def test_biased_attention_of_several_queries_is_causal() -> None:
+    isa = _get_attn_isa(torch.bfloat16, BLOCK, D)
+    if not bias_supported(isa, "auto"):
+        pytest.skip(f"the biased path reads the 'vec' layout only; this machine uses {isa!r}")
+    torch.manual_seed(0)
+    n, t = 70, 3
+    keys = torch.randn(n, HKV, D, dtype=torch.bfloat16)
+    values = torch.randn(n, HKV, D, dtype=torch.bfloat16)
+    block_row = torch.tensor([4, 1, 3], dtype=torch.int32)
+    kv_cache = torch.zeros(6, HKV, BLOCK, 2 * D, dtype=torch.bfloat16)
+    write(kv_cache, isa, keys, values, block_row, 0)
+    queries = torch.randn(t, HQ, D, dtype=torch.bfloat16)
+    log_bias = torch.rand(5) * 3
+    got = biased_decode_attention(queries, kv_cache, block_row, n, log_bias, SCALE)
+    for i in range(t):
+        seen = n - t + i + 1
+        want = reference_attention(
+            queries[i : i + 1], keys[:seen].transpose(0, 1), values[:seen].transpose(0, 1),
+            torch.cat([log_bias, torch.zeros(seen - 5)]),
+        )
+        torch.testing.assert_close(got[i : i + 1], want, atol=1e-4, rtol=1e-4)
 
 
 def test_short_prompts_are_not_compressed() -> None:

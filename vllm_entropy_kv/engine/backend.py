@@ -23,12 +23,22 @@ from vllm_entropy_kv.engine.summaries import biased_decode_attention
 from vllm_entropy_kv.engine.worker import CaptureRequest, compression_worker
 
 
+@dataclass(frozen=True)
+class BiasedRow:
+    """A request's row in a layer with summary tokens: their log(count) bias (its first
+    slots), its physical block row and how many tokens that row holds."""
+
+    log_bias: torch.Tensor
+    block_row: torch.Tensor
+    num_tokens: int
+
+
 @dataclass
 class EntropyKVAttentionMetadata(CPUAttentionMetadata):
     layer_idx: int = -1
     captures: list[CaptureRequest] = field(default_factory=list)
-    # Batch rows whose layer holds summary tokens: row -> log(count) bias of its first slots.
-    biased_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Batch rows whose layer holds summary tokens, computed by the backend, not the kernel.
+    biased_rows: dict[int, BiasedRow] = field(default_factory=dict)
 
 
 class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -52,7 +62,7 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
         seq_lens = cam.seq_lens[:num_reqs].tolist()
         captures: list[CaptureRequest] = []
         virtual_rows: dict[int, tuple[int, int]] = {}
-        biased_rows: dict[int, torch.Tensor] = {}
+        biases: dict[int, torch.Tensor] = {}
         for row, req_id in enumerate(req_ids):
             query_len = query_start[row + 1] - query_start[row]
             if seq_lens[row] == query_len:
@@ -70,9 +80,10 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
                 virtual_rows[row] = freed
                 bias = worker.log_bias.get(req_id, {}).get(self.layer_idx)
                 if bias is not None:
-                    biased_rows[row] = bias
+                    biases[row] = bias
+        biased_rows: dict[int, BiasedRow] = {}
         if virtual_rows:
-            cam = self._skip_freed_blocks(cam, virtual_rows)
+            cam, biased_rows = self._skip_freed_blocks(cam, virtual_rows, biases, query_start)
         metadata = super().build(common_prefix_len, cam, fast_build)
         return EntropyKVAttentionMetadata(
             **{f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)},
@@ -82,25 +93,36 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
         )
 
     def _skip_freed_blocks(
-        self, cam: CommonAttentionMetadata, rows: dict[int, tuple[int, int]]
-    ) -> CommonAttentionMetadata:
+        self,
+        cam: CommonAttentionMetadata,
+        rows: dict[int, tuple[int, int]],
+        biases: dict[int, torch.Tensor],
+        query_start: list[int],
+    ) -> tuple[CommonAttentionMetadata, dict[int, BiasedRow]]:
         """Physical view for the kernel: each listed row drops its freed logical blocks
         (kept tokens sit in the blocks before them, the tail after them) and its sequence
-        length shrinks by as many tokens. The runner's own tensors are not modified."""
+        length shrinks by as many tokens. Rows with a bias are computed by the backend from
+        that view, so the kernel sees only their queries (a throwaway result, not a second
+        pass over the cache). The runner's own tensors are not modified."""
         block_table = cam.block_table_tensor.clone()
         seq_lens = cam.seq_lens.clone()
+        biased_rows: dict[int, BiasedRow] = {}
         for row, (first, last) in rows.items():
             gap = last - first
             tail = block_table[row, last:].clone()
             block_table[row, first : first + tail.numel()] = tail
             block_table[row, first + tail.numel() :] = 0
             seq_lens[row] -= gap * self.block_size
-        return dataclasses.replace(
+            if (bias := biases.get(row)) is not None:
+                biased_rows[row] = BiasedRow(bias, block_table[row].clone(), int(seq_lens[row]))
+                seq_lens[row] = query_start[row + 1] - query_start[row]
+        view = dataclasses.replace(
             cam,
             block_table_tensor=block_table,
             seq_lens=seq_lens,
             max_seq_len=int(seq_lens[: cam.num_reqs].max()),
         )
+        return view, biased_rows
 
 
 class EntropyKVAttentionImpl(CPUAttentionBackendImpl):
@@ -134,15 +156,15 @@ class EntropyKVAttentionImpl(CPUAttentionBackendImpl):
         metadata: EntropyKVAttentionMetadata,
         output: torch.Tensor,
     ) -> None:
-        """Recompute the rows of requests with summary tokens with their log(count) bias
-        (the kernel computed them without it)."""
+        """The rows of requests with summary tokens, with their log(count) bias (the
+        kernel has no per-token bias)."""
         starts = metadata.query_start_loc.tolist()
         rows_out = output.view(output.shape[0], query.shape[1], query.shape[2])
-        for row, bias in metadata.biased_rows.items():
+        for row, biased in metadata.biased_rows.items():
             first, last = starts[row], starts[row + 1]
             rows_out[first:last] = biased_decode_attention(
-                query[first:last], kv_cache, metadata.block_table[row],
-                int(metadata.seq_lens[row]), bias, self.scale,
+                query[first:last], kv_cache, biased.block_row, biased.num_tokens,
+                biased.log_bias, self.scale,
             ).to(output.dtype)
 
 
