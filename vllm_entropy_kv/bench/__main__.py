@@ -279,8 +279,9 @@ def report_header(args: argparse.Namespace, command: str, started: str) -> str:
         f"vLLM 0.32.0 CPU, `--enforce-eager`), {platform.machine()} machine, "
         f"{len(os.sched_getaffinity(0))} cores. Every cell ran on the same "
         "server through per-request settings (`vllm_xargs`), one after the other; ratios "
-        f"are to `none` on that server. Main server KV cache {args.kv_cache_gib} GiB, "
-        f"capacity server a pool of {args.capacity_kv_tokens} tokens."
+        f"are to `none` on that server. Main server KV cache {args.kv_cache_gib} GiB"
+        + (f", capacity server a pool of {args.capacity_kv_tokens} tokens."
+           if "capacity" in args.stages else ".")
     )
 
 
