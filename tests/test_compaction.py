@@ -18,7 +18,7 @@ from vllm_entropy_kv.config import KVPolicyConfig  # noqa: E402
 from vllm_entropy_kv.engine.summaries import (  # noqa: E402
     bias_supported,
     biased_decode_attention,
-    paged_kv,
+    gather_kv,
 )
 from vllm_entropy_kv.engine.worker import CaptureRequest, CompressionWorker  # noqa: E402
 from vllm_entropy_kv.policies import Budget, LayerObservation, get_policy  # noqa: E402
@@ -129,9 +129,7 @@ def test_cache_reads_back_what_the_cache_op_wrote() -> None:
     block_row = torch.tensor([4, 1, 3], dtype=torch.int32)
     kv_cache = torch.zeros(6, HKV, BLOCK, 2 * D, dtype=torch.bfloat16)
     write(kv_cache, isa, keys, values, block_row, 0)
-    got_keys, got_values = paged_kv(kv_cache, block_row, 70)
-    got_keys = got_keys.transpose(2, 3).reshape(HKV, 3 * BLOCK, D)[:, :70]
-    got_values = got_values.reshape(HKV, 3 * BLOCK, D)[:, :70]
+    got_keys, got_values = gather_kv(kv_cache, block_row, 70)
     assert torch.equal(got_keys, keys.transpose(0, 1))
     assert torch.equal(got_values, values.transpose(0, 1))
 
