@@ -19,6 +19,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from vllm_entropy_kv.engine.cache_layout import cache_layout
 from vllm_entropy_kv.engine.summaries import biased_decode_attention
 from vllm_entropy_kv.engine.worker import CaptureRequest, compression_worker
 
@@ -146,11 +147,12 @@ class EntropyKVAttentionImpl(CPUAttentionBackendImpl):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                  output_scale, output_block_scale)
         if isinstance(attn_metadata, EntropyKVAttentionMetadata) and attn_metadata.biased_rows:
-            self._biased_rows(query, kv_cache, attn_metadata, output)
+            self._biased_rows(layer, query, kv_cache, attn_metadata, output)
         return output
 
     def _biased_rows(
         self,
+        layer,
         query: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: EntropyKVAttentionMetadata,
@@ -158,12 +160,15 @@ class EntropyKVAttentionImpl(CPUAttentionBackendImpl):
     ) -> None:
         """The rows of requests with summary tokens, with their log(count) bias (the
         kernel has no per-token bias)."""
+        # The worker gives a bias only where this layout can be read (`cache_layout`).
+        layout = cache_layout(layer.isa, kv_cache, self.kv_cache_dtype)
+        assert layout is not None
         starts = metadata.query_start_loc.tolist()
         rows_out = output.view(output.shape[0], query.shape[1], query.shape[2])
         for row, biased in metadata.biased_rows.items():
             first, last = starts[row], starts[row + 1]
             rows_out[first:last] = biased_decode_attention(
-                query[first:last], kv_cache, biased.block_row, biased.num_tokens,
+                query[first:last], kv_cache, layout, biased.block_row, biased.num_tokens,
                 biased.log_bias, self.scale,
             ).to(output.dtype)
 

@@ -29,7 +29,11 @@ from vllm.logger import init_logger
 
 from vllm_entropy_kv.config import KVPolicyConfig, KVPolicyConfigError
 from vllm_entropy_kv.metrics import EntropyKVStats
-from vllm_entropy_kv.engine.summaries import bias_supported
+from vllm_entropy_kv.engine.cache_layout import (
+    cache_layout,
+    request_amx_permission,
+    write_tokens,
+)
 from vllm_entropy_kv.policies import KVPolicy, LayerObservation, LayerPlan, get_policy
 from vllm_entropy_kv.policies.stats import compressed_kv
 
@@ -103,6 +107,8 @@ class CompressionWorker:
         self.config = config
         self.block_size = block_size
         self.num_layers = num_layers
+        # Compaction runs vLLM's CPU cache ops in this process (vLLM's worker asks too).
+        request_amx_permission()
 
     @property
     def enabled(self) -> bool:
@@ -215,8 +221,6 @@ class CompressionWorker:
     ) -> tuple[CompressionReport, dict[int, torch.Tensor]]:
         """Plan and write one request; returns its report and, per layer with biased summary
         tokens, the log(count) bias of its first slots (kept in the worker, never sent)."""
-        from vllm import _custom_ops as ops
-
         config = request.config
         policy = self.policy(config.policy)
         layer_ids = sorted(request.layers)
@@ -238,25 +242,20 @@ class CompressionWorker:
             keys, values, bias = compressed_kv(cap.observation, plan)
             positions = torch.arange(m)
             slots = cap.block_ids[positions // block].to(torch.int64) * block + positions % block
-            num_blocks, num_kv_heads, block_size, _ = cap.kv_cache.shape
-            key_cache, value_cache = cap.kv_cache.view(
-                num_blocks, num_kv_heads, block_size * 2, -1
-            ).chunk(2, dim=2)
-            ops.cpu_attn_reshape_and_cache(
-                keys.transpose(0, 1).contiguous(), values.transpose(0, 1).contiguous(),
-                key_cache, value_cache, slots, cap.layer.isa,
-                k_scale=cap.layer._k_scale_float, v_scale=cap.layer._v_scale_float,
-                kv_cache_dtype=cap.kv_cache_dtype,
+            write_tokens(
+                cap.kv_cache, keys.transpose(0, 1), values.transpose(0, 1), slots,
+                cap.layer.isa, k_scale=cap.layer._k_scale_float,
+                v_scale=cap.layer._v_scale_float, kv_cache_dtype=cap.kv_cache_dtype,
             )
             freed[layer_idx] = (m // block, n // block)
             if config.merge_bias and bool(bias.any()):
-                if bias_supported(cap.layer.isa, cap.kv_cache_dtype):
+                if cache_layout(cap.layer.isa, cap.kv_cache, cap.kv_cache_dtype) is not None:
                     log_bias[layer_idx] = bias
                 else:
                     logger.warning_once(
                         "vllm-entropy-kv: summary tokens are served without their log(count) "
-                        "bias: the biased attention reads the 'vec' cache layout only (this "
-                        "is %r, cache dtype %s)", cap.layer.isa, cap.kv_cache_dtype)
+                        "bias: a %s KV cache cannot be read back for the biased attention",
+                        cap.kv_cache_dtype)
         entropies = {
             layer_idx: plan.layer_entropy
             for layer_idx, plan in zip(layer_ids, plans)
