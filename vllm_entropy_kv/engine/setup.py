@@ -19,6 +19,7 @@ logger = init_logger(__name__)
 _WRAPPED_MARK = "_vllm_entropy_kv_wrapped"
 # Fine-grained reclamation: a layer frees whole blocks, so smaller blocks free more.
 COMPRESSION_BLOCK_SIZE = 32
+RESERVED_CPU_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 
 
 class UnsupportedWithPolicyError(ValueError):
@@ -41,26 +42,48 @@ def prepare_engine_args(engine_args: Any, config: KVPolicyConfig) -> None:
             f"--kv-policy {config.policy}: --kv-transfer-config is taken by the compression "
             "connector; other KV connectors cannot be combined with it"
         )
-    if engine_args.enable_prefix_caching:
-        logger.warning("vllm-entropy-kv: prefix caching turned off: compacted blocks no "
-                       "longer hold the tokens their hashes name")
-    engine_args.enable_prefix_caching = False
-    # Compression scores the whole prompt at the end of its prefill, in one step.
-    engine_args.enable_chunked_prefill = False
-    engine_args.async_scheduling = False
+    _set_arg(engine_args, "enable_prefix_caching", False,
+             "compacted blocks no longer hold the tokens their hashes name")
+    _set_arg(engine_args, "enable_chunked_prefill", False,
+             "compression scores the whole prompt at the end of its prefill, in one step")
+    _set_arg(engine_args, "async_scheduling", False,
+             "blocks freed by a step's compaction could reach another request while the "
+             "step scheduled ahead of it still reads them")
     if engine_args.block_size is None:
-        engine_args.block_size = COMPRESSION_BLOCK_SIZE
+        _set_arg(engine_args, "block_size", COMPRESSION_BLOCK_SIZE,
+                 "a layer frees whole blocks, and 32-token blocks (the smallest the CPU "
+                 "kernel takes) free more of a compressed prompt than vLLM's default of 128")
     max_model_len = engine_args.create_model_config().max_model_len
-    engine_args.max_num_batched_tokens = max(engine_args.max_num_batched_tokens or 0,
-                                             max_model_len)
-    # vLLM reserves an extra CPU core per rank for any KV connector (NIXL needs one); ours
-    # moves no data, and a different core count would change the worker's numerics.
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(engine_args.tensor_parallel_size))
+    _set_arg(engine_args, "max_num_batched_tokens",
+             max(engine_args.max_num_batched_tokens or 0, max_model_len),
+             f"without chunked prefill a whole prompt (up to max_model_len {max_model_len} "
+             "tokens) must fit in one step")
+    if RESERVED_CPU_ENV not in os.environ:
+        reserved = str(engine_args.tensor_parallel_size)
+        _log_change(RESERVED_CPU_ENV, None, reserved,
+                    "vLLM reserves an extra CPU core per rank for any KV connector (NIXL "
+                    "needs one); the compression connector moves no data, and a different "
+                    "core count would change the worker's numerics")
+        os.environ[RESERVED_CPU_ENV] = reserved
     engine_args.kv_transfer_config = KVTransferConfig(
         kv_connector=CONNECTOR_NAME,
         kv_connector_module_path="vllm_entropy_kv.engine.connector",
         kv_role="kv_both",
     )
+
+
+def _log_change(setting: str, old: Any, new: Any, reason: str) -> None:
+    """One WARNING per vLLM setting the plugin changes, so that nothing changes silently;
+    nothing when the value is already what compression needs."""
+    if old != new:
+        shown_old = "unset (vLLM's default)" if old is None else old
+        logger.warning("vllm-entropy-kv: %s %s -> %s: %s", setting, shown_old, new, reason)
+
+
+def _set_arg(engine_args: Any, name: str, new: Any, reason: str) -> None:
+    """Set one EngineArgs field, logging the change (`_log_change`)."""
+    _log_change(name, getattr(engine_args, name), new, reason)
+    setattr(engine_args, name, new)
 
 
 def comparison_flags(max_model_len: int) -> list[str]:
