@@ -14,9 +14,12 @@ from typing import Any
 
 from vllm_entropy_kv.config import (
     ADDITIONAL_CONFIG_PREFIX,
+    POLICY_PARAMETERS,
     SERVED_POLICIES,
     KVPolicyConfig,
     KVPolicyConfigError,
+    default_window,
+    policies_using,
 )
 
 _WRAPPED_MARK = "_vllm_entropy_kv_wrapped"
@@ -29,6 +32,13 @@ FLAG_HELP: dict[str, str] = {
     "window": "Observation window: the last prompt queries whose attention scores tokens.",
     "merge_bias": "Give summary tokens (entropy-merge, src) a log(count) attention bias "
     "(true/false).",
+    "reach": "A token scores at least as high as the attended tokens up to reach - 1 "
+    "positions before it, so a fact's continuation stays with the key a question matched "
+    "(1: off).",
+    "chunk_size": "Tokens are kept or dropped in chunks of this many positions (1: per token).",
+    "exponent": "Layer budgets are proportional to layer entropy ** exponent (0: uniform).",
+    "summary_fraction": "Share of each layer's budget spent on summary tokens, in [0, 1] "
+    "(0: pure eviction).",
 }
 
 
@@ -49,6 +59,20 @@ def _validating_type(field: str) -> Callable[[str], Any]:
     return convert
 
 
+def _default_text(field: str, defaults: KVPolicyConfig) -> str:
+    """The help's "Default: ..." and, for policy parameters, the policies that read them."""
+    if field == "window":
+        by_window: dict[int, list[str]] = {}
+        for name in policies_using(field):
+            by_window.setdefault(default_window(name), []).append(name)
+        own = "; ".join(f"{', '.join(names)} {window}" for window, names in by_window.items())
+        return f"Default: the policy's own ({own})."
+    text = f"Default: {getattr(defaults, field)}."
+    if field in POLICY_PARAMETERS:
+        text += f" Read by: {', '.join(policies_using(field))}."
+    return text
+
+
 def add_kv_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     defaults = KVPolicyConfig(policy=SERVED_POLICIES[0])
     group = parser.add_argument_group(
@@ -59,7 +83,7 @@ def add_kv_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     for field in KVPolicyConfig.field_names():
         kwargs: dict[str, Any] = {
             "default": argparse.SUPPRESS,
-            "help": f"{FLAG_HELP[field]} Default: {getattr(defaults, field)}.",
+            "help": f"{FLAG_HELP[field]} {_default_text(field, defaults)}",
         }
         if field == "policy":
             kwargs["choices"] = list(SERVED_POLICIES)

@@ -8,11 +8,13 @@ rebuilds the same `KVPolicyConfig` from it with `KVPolicyConfig.from_additional_
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import functools
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_entropy_kv.policies import Budget, available_policies
+from vllm_entropy_kv.policies import Budget, KVPolicy, available_policies, get_policy
 
 # Policies the engine serves today. The offline evaluation can run every registered policy;
 # a policy joins this list when it works end to end in `vllm serve`.
@@ -24,6 +26,36 @@ ADDITIONAL_CONFIG_PREFIX = "kv_"
 
 
 REQUEST_ARGS_FIELD = "vllm_xargs"  # where an OpenAI request carries its own `kv_*` settings
+
+# Settings that are parameters of the policy dataclasses: setting -> the policy's field.
+# A policy without that field ignores the setting (`reach` on snapkv, say); `policies_using`
+# names the ones that read it, for the help texts.
+POLICY_PARAMETERS: dict[str, str] = {
+    "window": "observation_queries",
+    "reach": "reach",
+    "chunk_size": "chunk_size",
+    "exponent": "exponent",
+    "summary_fraction": "summary_fraction",
+}
+# Queries captured for a policy that looks at no attention (none, streaming): what the worker
+# captured before `window` followed the policy; unused by those policies.
+UNUSED_WINDOW = 32
+
+# Valid values of the numeric settings: (test, the valid values in words for the error).
+_VALID: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "budget": (
+        lambda v: math.isfinite(v) and v > 0 and (v <= 1 or v == int(v)),
+        "a fraction in (0, 1] or a whole number of tokens > 1",
+    ),
+    "sink_tokens": (lambda v: v >= 0, "an integer >= 0"),
+    "recent_tokens": (lambda v: v >= 0, "an integer >= 0"),
+    "window": (lambda v: v is None or v >= 1, "an integer >= 1 (unset: the policy's own)"),
+    "reach": (lambda v: v >= 1, "an integer >= 1 (1: off)"),
+    "chunk_size": (lambda v: v >= 1, "an integer >= 1 (1: per token)"),
+    "exponent": (lambda v: math.isfinite(v) and v >= 0,
+                 "a finite number >= 0 (0: uniform layer budgets)"),
+    "summary_fraction": (lambda v: 0 <= v <= 1, "a fraction in [0, 1] (0: pure eviction)"),
+}
 
 
 class KVPolicyConfigError(ValueError):
@@ -45,17 +77,27 @@ class KVPolicyConfig:
     budget: fraction of each prompt's KV kept, in (0, 1], or a token count per layer (> 1).
     sink_tokens: first prompt tokens always kept (attention sinks).
     recent_tokens: last prompt tokens always kept.
-    window: observation window, the last prompt queries whose attention scores tokens.
+    window: observation window, the last prompt queries whose attention scores tokens (the
+        policy's `observation_queries`); None, the default, means the policy's own (16 for
+        entropy and entropy-merge, 32 for snapkv, pyramid and src) and is resolved to that
+        number on construction, since the worker captures `window` queries.
     merge_bias: summary tokens (entropy-merge, src) get log(count) added to their attention
         scores, so each weighs like the tokens it stands for.
+    reach, chunk_size, exponent (entropy, entropy-merge) and summary_fraction
+        (entropy-merge): the policies' parameters of those names; see `EntropyPolicy` and
+        `EntropyMergePolicy`. The defaults are theirs.
     """
 
     policy: str = DEFAULT_POLICY
     budget: float = 0.25
     sink_tokens: int = 4
     recent_tokens: int = 32
-    window: int = 32
+    window: int | None = None
     merge_bias: bool = True
+    reach: int = 32
+    chunk_size: int = 32
+    exponent: float = 1.0
+    summary_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         if self.policy not in SERVED_POLICIES:
@@ -67,21 +109,17 @@ class KVPolicyConfig:
                 f"valid: {', '.join(SERVED_POLICIES)}",
                 "kv_policy",
             )
-        if not self.budget > 0 or (self.budget > 1 and self.budget != int(self.budget)):
-            raise KVPolicyConfigError(
-                f"kv_budget: {self.budget!r} is out of range; valid: a fraction in (0, 1] "
-                "or a whole number of tokens > 1",
-                "kv_budget",
-            )
-        for name in ("sink_tokens", "recent_tokens"):
-            if getattr(self, name) < 0:
+        for name, (valid, words) in _VALID.items():
+            value = getattr(self, name)
+            if not valid(value):
                 raise KVPolicyConfigError(
-                    f"kv_{name}: must be >= 0, got {getattr(self, name)}", f"kv_{name}"
+                    f"kv_{name}: {value!r} is out of range; valid: {words}", f"kv_{name}"
                 )
-        if self.window < 1:
-            raise KVPolicyConfigError(
-                f"kv_window: must be >= 1, got {self.window}", "kv_window"
-            )
+        # Whether `window` was given: `settings()` leaves it out otherwise, so that a request
+        # choosing another policy gets that policy's window, not this one's.
+        object.__setattr__(self, "_window_given", self.window is not None)
+        if self.window is None:
+            object.__setattr__(self, "window", default_window(self.policy))
 
     @property
     def enabled(self) -> bool:
@@ -94,6 +132,23 @@ class KVPolicyConfig:
             recent_tokens=self.recent_tokens,
             block_size=block_size,
         )
+
+    def settings(self) -> dict[str, Any]:
+        """`{field: value}` as given: `window` is None unless it was set (see __post_init__)."""
+        values = dataclasses.asdict(self)
+        if not self._window_given:
+            values["window"] = None
+        return values
+
+    def make_policy(self) -> KVPolicy:
+        """The policy object these settings describe, with its parameters set from them.
+        Built once per distinct parameters and shared (policies keep no per-request state)."""
+        defaults = _policy_defaults(self.policy)
+        params = tuple(sorted(
+            (param, getattr(self, setting))
+            for setting, param in POLICY_PARAMETERS.items() if param in defaults
+        ))
+        return _make_policy(self.policy, params)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -115,12 +170,14 @@ class KVPolicyConfig:
             if field.name not in values or values[field.name] is None:
                 continue
             raw = values[field.name]
-            kind = {"str": str, "float": float, "int": int, "bool": _boolean}[str(field.type)]
+            # `int | None`: None was skipped above, so convert to the type itself.
+            type_name = str(field.type).removesuffix(" | None")
+            kind = {"str": str, "float": float, "int": int, "bool": _boolean}[type_name]
             try:
                 converted[field.name] = kind(raw)
             except (TypeError, ValueError):
                 raise KVPolicyConfigError(
-                    f"kv_{field.name}: {raw!r} is not a valid {field.type}",
+                    f"kv_{field.name}: {raw!r} is not a valid {type_name}",
                     f"kv_{field.name}",
                 ) from None
         return cls(**converted)
@@ -140,7 +197,7 @@ class KVPolicyConfig:
         overrides = _our_settings(extra_args)
         if not overrides:
             return self
-        merged = self.from_mapping({**dataclasses.asdict(self), **overrides})
+        merged = self.from_mapping({**self.settings(), **overrides})
         if merged.enabled and not self.enabled:
             raise KVPolicyConfigError(
                 f"kv_policy: {merged.policy!r} needs a server started with a KV policy; this "
@@ -152,8 +209,34 @@ class KVPolicyConfig:
     def to_additional_config(self) -> dict[str, Any]:
         return {
             ADDITIONAL_CONFIG_PREFIX + name: value
-            for name, value in dataclasses.asdict(self).items()
+            for name, value in self.settings().items()
         }
+
+
+def policies_using(setting: str) -> list[str]:
+    """The served policies that read a policy parameter setting (`POLICY_PARAMETERS`)."""
+    return [name for name in SERVED_POLICIES
+            if POLICY_PARAMETERS[setting] in _policy_defaults(name)]
+
+
+def default_window(policy: str) -> int:
+    """The observation window of a policy's own defaults (`window` unset)."""
+    own = _policy_defaults(policy).get("observation_queries")
+    # None (every prompt query: h2o, which is not served) cannot be captured as a number.
+    return own if isinstance(own, int) and own > 0 else UNUSED_WINDOW
+
+
+@functools.cache
+def _policy_defaults(policy: str) -> dict[str, Any]:
+    """A registered policy's dataclass parameters and their defaults (class-level
+    constants such as streaming's `observation_queries = 0` are not parameters)."""
+    instance = get_policy(policy)
+    return {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
+
+
+@functools.lru_cache(maxsize=64)
+def _make_policy(policy: str, params: tuple[tuple[str, Any], ...]) -> KVPolicy:
+    return get_policy(policy, **dict(params))
 
 
 def _our_settings(values: Mapping[str, Any] | None) -> dict[str, Any]:

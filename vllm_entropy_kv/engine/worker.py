@@ -34,7 +34,7 @@ from vllm_entropy_kv.engine.cache_layout import (
     request_amx_permission,
     write_tokens,
 )
-from vllm_entropy_kv.policies import KVPolicy, LayerObservation, LayerPlan, get_policy
+from vllm_entropy_kv.policies import LayerObservation, LayerPlan
 from vllm_entropy_kv.policies.stats import compressed_kv
 
 logger = init_logger(__name__)
@@ -92,7 +92,6 @@ class CompressionWorker:
 
     def __init__(self) -> None:
         self.config: KVPolicyConfig | None = None  # the server's defaults
-        self._policies: dict[str, KVPolicy] = {}
         self.block_size = 0
         self.num_layers = 0
         self._runner: weakref.ref[Any] | None = None
@@ -114,11 +113,6 @@ class CompressionWorker:
     def enabled(self) -> bool:
         """Whether the server set up compression (a request may still choose `none`)."""
         return self.config is not None and self.config.enabled
-
-    def policy(self, name: str) -> KVPolicy:
-        if name not in self._policies:
-            self._policies[name] = get_policy(name)
-        return self._policies[name]
 
     def bind_runner(self, runner: Any) -> None:
         self._runner = weakref.ref(runner)
@@ -222,7 +216,8 @@ class CompressionWorker:
         """Plan and write one request; returns its report and, per layer with biased summary
         tokens, the log(count) bias of its first slots (kept in the worker, never sent)."""
         config = request.config
-        policy = self.policy(config.policy)
+        # Built from all of the request's settings (window, reach, ...), cached per value.
+        policy = config.make_policy()
         layer_ids = sorted(request.layers)
         captured = [request.layers[i] for i in layer_ids]
         plans = policy.plan([c.observation for c in captured], config.budget_for(self.block_size))
