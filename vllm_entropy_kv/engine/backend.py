@@ -78,8 +78,10 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
                         config, prompt_tokens=query_len,
                     ))
             elif (freed := worker.freed.get(req_id, {}).get(self.layer_idx)) is not None:
-                virtual_rows[row] = freed
                 bias = worker.log_bias.get(req_id, {}).get(self.layer_idx)
+                if freed[0] == freed[1] and bias is None:
+                    continue  # a keep-all plan freed nothing: the runner's row is exact
+                virtual_rows[row] = freed
                 if bias is not None:
                     biases[row] = bias
         biased_rows: dict[int, BiasedRow] = {}

@@ -131,6 +131,8 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
         pool = self._kv_cache_manager.block_pool
         for req_id, report in meta.reports.items():
             for layer_idx, (first, last) in report.freed_ranges.items():
+                if first >= last:
+                    continue  # a keep-all plan: compacted in place, nothing to free
                 manager = managers[self.group_of_layer[layer_idx]]
                 free_before = pool.get_num_free_blocks()
                 # Nulls the entries and returns the blocks to the shared pool; the list

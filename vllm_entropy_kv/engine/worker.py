@@ -231,9 +231,9 @@ class CompressionWorker:
             if m % block or m > n:
                 raise ValueError(f"layer {layer_idx}: plan keeps {m} tokens, not a whole "
                                  f"number of {block}-token blocks within {n}")
-            if m == n:
-                continue
             # Kept tokens in prompt order, then the summaries: the layer's new first m slots.
+            # A plan that keeps every token goes the same way (an identity rewrite of its
+            # slots) and frees the empty range (n // block, n // block).
             keys, values, bias = compressed_kv(cap.observation, plan)
             positions = torch.arange(m)
             slots = cap.block_ids[positions // block].to(torch.int64) * block + positions % block
