@@ -5,9 +5,17 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from vllm_entropy_kv.cli import add_kv_arguments, fold_into_additional_config
-from vllm_entropy_kv.config import SERVED_POLICIES, KVPolicyConfig, KVPolicyConfigError
+from vllm_entropy_kv.config import (
+    POLICY_PARAMETERS,
+    SERVED_POLICIES,
+    KVPolicyConfig,
+    KVPolicyConfigError,
+    policies_using,
+)
+from vllm_entropy_kv.policies import LayerObservation, get_policy
 
 
 def test_defaults_are_valid_and_stock() -> None:
@@ -24,7 +32,7 @@ def test_unknown_policy_names_valid_values() -> None:
     assert "kv_policy" in str(err.value)
 
 
-@pytest.mark.parametrize("budget", [0, -0.5, 2.5, float("nan")])
+@pytest.mark.parametrize("budget", [0, -0.5, 2.5, float("nan"), float("inf")])
 def test_out_of_range_budget(budget: float) -> None:
     with pytest.raises(KVPolicyConfigError, match="kv_budget"):
         KVPolicyConfig(budget=budget)
@@ -97,3 +105,118 @@ def test_invalid_additional_config_is_reported() -> None:
     args.additional_config = {"kv_policy": "bogus"}
     with pytest.raises(KVPolicyConfigError, match="valid: "):
         fold_into_additional_config(args)
+
+
+# The policy parameters among the settings (`POLICY_PARAMETERS`): reachable as flags and
+# additional_config keys, validated, and really set on the policy the worker plans with.
+
+NEW_VALUES = {"reach": 8, "chunk_size": 16, "exponent": 0.5, "summary_fraction": 0.25}
+
+
+def test_policy_parameter_defaults_are_the_policies_own() -> None:
+    for setting, param in POLICY_PARAMETERS.items():
+        users = policies_using(setting)
+        assert users, setting
+        for name in users:
+            config = KVPolicyConfig(policy=name)
+            assert getattr(config.make_policy(), param) == getattr(get_policy(name), param), \
+                (name, setting)
+
+
+def test_window_defaults_to_each_policys_own_window() -> None:
+    assert KVPolicyConfig(policy="entropy").window == 16
+    assert KVPolicyConfig(policy="entropy-merge").window == 16
+    for name in ("snapkv", "pyramid", "src"):
+        assert KVPolicyConfig(policy=name).window == 32
+    # streaming and none look at no attention.
+    assert "streaming" not in policies_using("window")
+
+
+@pytest.mark.parametrize("window", [8, 16, 64, 200])
+def test_window_is_the_policys_observation_window_uncapped(window: int) -> None:
+    for name in policies_using("window"):
+        policy = KVPolicyConfig(policy=name, window=window).make_policy()
+        assert policy.observation_queries == window, name
+
+
+def test_policy_parameters_reach_the_policy_and_others_ignore_them() -> None:
+    config = KVPolicyConfig(policy="entropy-merge", window=48, **NEW_VALUES)
+    policy = config.make_policy()
+    assert policy.observation_queries == 48
+    for setting, value in NEW_VALUES.items():
+        assert getattr(policy, POLICY_PARAMETERS[setting]) == value, setting
+    # snapkv has no `reach` or `summary_fraction`; it still gets the window.
+    snapkv = KVPolicyConfig(policy="snapkv", window=48, **NEW_VALUES).make_policy()
+    assert snapkv.observation_queries == 48 and not hasattr(snapkv, "reach")
+
+
+def test_make_policy_is_shared_per_distinct_parameters() -> None:
+    a = KVPolicyConfig(policy="entropy", reach=4)
+    assert a.make_policy() is KVPolicyConfig(policy="entropy", reach=4, budget=0.5).make_policy()
+    assert a.make_policy() is not KVPolicyConfig(policy="entropy", reach=8).make_policy()
+
+
+def observation(n: int = 256, window: int = 32) -> LayerObservation:
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, n, 16, generator=gen)
+    return LayerObservation(
+        queries=torch.randn(6, window, 16, generator=gen), keys=keys,
+        values=torch.randn(2, n, 16, generator=gen), scale=0.25, query_offset=0,
+    )
+
+
+def test_summary_fraction_changes_the_plan() -> None:
+    layers = [observation(), observation()]
+    budget = KVPolicyConfig().budget_for(32)
+
+    def summaries(fraction: float) -> list[int]:
+        policy = KVPolicyConfig(policy="entropy-merge", summary_fraction=fraction).make_policy()
+        return [plan.num_summaries for plan in policy.plan(layers, budget)]
+
+    assert summaries(0.0) == [0, 0]
+    assert all(s > 0 for s in summaries(0.1))
+    assert sum(summaries(0.5)) > sum(summaries(0.1))
+
+
+@pytest.mark.parametrize(("setting", "bad"), [
+    ("reach", 0), ("chunk_size", 0), ("exponent", -1.0), ("exponent", float("inf")),
+    ("summary_fraction", 1.5), ("summary_fraction", -0.1), ("window", 0),
+])
+def test_out_of_range_policy_parameters_name_the_field_and_valid_values(
+    setting: str, bad: float
+) -> None:
+    with pytest.raises(KVPolicyConfigError, match=f"kv_{setting}: .* valid: ") as err:
+        KVPolicyConfig(policy="entropy", **{setting: bad})
+    assert err.value.field == f"kv_{setting}"
+
+
+def test_new_flags_parse_validate_and_fold_into_additional_config() -> None:
+    argv = ["--kv-policy", "entropy-merge", "--kv-window", "64"]
+    for setting, value in NEW_VALUES.items():
+        argv += ["--" + "kv-" + setting.replace("_", "-"), str(value)]
+    args = _parser().parse_args(argv)
+    fold_into_additional_config(args)
+    config = KVPolicyConfig.from_additional_config(args.additional_config)
+    assert config.window == 64
+    for setting, value in NEW_VALUES.items():
+        assert args.additional_config["kv_" + setting] == value
+        assert getattr(config, setting) == value
+    with pytest.raises(argparse.ArgumentError, match="kv_summary_fraction.*valid: "):
+        _parser().parse_args(["--kv-summary-fraction", "2"])
+    with pytest.raises(argparse.ArgumentError, match="kv_reach.*valid: "):
+        _parser().parse_args(["--kv-reach", "0"])
+
+
+def test_an_unset_window_stays_unset_through_additional_config() -> None:
+    # So that every process, and a request choosing another policy, resolves it the same way.
+    args = _parser().parse_args(["--kv-policy", "entropy"])
+    fold_into_additional_config(args)
+    assert args.additional_config["kv_window"] is None
+    assert KVPolicyConfig.from_additional_config(args.additional_config).window == 16
+
+
+def test_every_setting_has_a_flag_with_help() -> None:
+    help_text = " ".join(_parser().format_help().split())
+    for field in KVPolicyConfig.field_names():
+        assert "--kv-" + field.replace("_", "-") in help_text, field
+    assert "Default: the policy's own (entropy, entropy-merge 16" in help_text

@@ -59,6 +59,7 @@ def test_prompt_longer_than_the_model_allows_is_a_400(entropy_server: VllmServer
     ({"kv_policy": "magic"}, "kv_policy"),
     ({"kv_policy": "h2o"}, "kv_policy"),  # offline evaluation only
     ({"kv_window": 0}, "kv_window"),
+    ({"kv_reach": 0}, "kv_reach"),  # a policy parameter
     ({"kv_bugdet": 0.5}, "kv_bugdet"),
 ])
 def test_invalid_per_request_settings_are_a_400_naming_the_field(

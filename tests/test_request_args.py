@@ -28,11 +28,35 @@ def test_request_settings_override_the_server_and_others_are_ignored() -> None:
     ({"kv_policy": "bogus"}, "kv_policy"),
     ({"kv_window": 0}, "kv_window"),
     ({"kv_budjet": 0.5}, "kv_budjet"),
+    ({"kv_reach": 0}, "kv_reach"),
+    ({"kv_chunk_size": "big"}, "kv_chunk_size"),
+    ({"kv_exponent": -2}, "kv_exponent"),
+    ({"kv_summary_fraction": 1.5}, "kv_summary_fraction"),
 ])
 def test_invalid_request_settings_name_their_field(extra_args: dict, field: str) -> None:
     with pytest.raises(KVPolicyConfigError) as err:
         SERVER.for_request(extra_args)
     assert err.value.field == field
+
+
+def test_request_policy_parameters_reach_the_policy_it_plans_with() -> None:
+    config = SERVER.for_request({"kv_policy": "entropy-merge", "kv_reach": "1",
+                                 "kv_chunk_size": 8, "kv_exponent": 0, "kv_window": 24,
+                                 "kv_summary_fraction": 0.3})
+    policy = config.make_policy()
+    assert (policy.reach, policy.chunk_size, policy.exponent, policy.observation_queries,
+            policy.summary_fraction) == (1, 8, 0.0, 24, 0.3)
+    # Left out, they are the server's.
+    assert SERVER.for_request({"kv_budget": 0.5}).make_policy().reach == SERVER.reach
+
+
+def test_a_request_choosing_another_policy_gets_that_policys_window() -> None:
+    assert SERVER.window == 16  # entropy's own
+    assert SERVER.for_request({"kv_policy": "snapkv"}).window == 32
+    # A window the server was given explicitly is the default for every policy.
+    server = KVPolicyConfig(policy="entropy", window=24)
+    assert server.for_request({"kv_policy": "snapkv"}).window == 24
+    assert server.for_request({"kv_window": 40}).make_policy().observation_queries == 40
 
 
 def test_a_request_cannot_turn_compression_on_in_a_none_server() -> None:
@@ -90,6 +114,15 @@ def test_invalid_budget_gets_400_naming_the_field() -> None:
     error = json.loads(sent[1]["body"])["error"]
     assert error["param"] == "vllm_xargs.kv_budget" and error["code"] == 400
     assert "kv_budget" in error["message"] and "(0, 1]" in error["message"]
+
+
+def test_invalid_policy_parameter_gets_400_naming_the_field() -> None:
+    body = json.dumps({"prompt": "hi", "vllm_xargs": {"kv_summary_fraction": 2}}).encode()
+    sent, reached = run("/v1/completions", body)
+    assert reached is None and sent[0]["status"] == 400
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["param"] == "vllm_xargs.kv_summary_fraction"
+    assert "[0, 1]" in error["message"]
 
 
 def test_valid_body_reaches_the_app_unchanged_even_in_pieces() -> None:
