@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -21,8 +19,9 @@ from pathlib import Path
 
 import run as loadtest
 
-from vllm_entropy_kv.bench.report import write_section
-from vllm_entropy_kv.launch import DEFAULT_DTYPE, pool_flags
+from vllm_entropy_kv.bench.report import machine_description, write_section
+from vllm_entropy_kv.engine.setup import COMPRESSION_BLOCK_SIZE
+from vllm_entropy_kv.launch import default_dtype, pool_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
@@ -92,10 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"`{command.strip()}` on {started}: profile `{args.profile}`, {args.users} users, "
         f"{args.duration} s per server, a KV pool of {args.kv_tokens} tokens for both "
         "(`--num-gpu-blocks-override`: 32-token blocks of all layers for `none`, of one "
-        "layer for the policy's per-layer groups), one server at a time; model "
-        f"SmolLM2-135M-Instruct ({DEFAULT_DTYPE}, vLLM 0.32.0 CPU), machine {platform.machine()}, "
-        f"{len(os.sched_getaffinity(0))} cores. Latencies are of whole requests "
-        "(streams included); TTFT/TPOT rows are the locust METRIC entries.",
+        "layer for the policy's per-layer groups), one server at a time; "
+        f"{machine_description(default_dtype(), COMPRESSION_BLOCK_SIZE)}. Latencies are of "
+        "whole requests (streams included); TTFT/TPOT rows are the locust METRIC entries.",
         "",
         table(results),
     ])

@@ -14,7 +14,7 @@ from helpers import prompt_of_words
 from vllm_entropy_kv.assets import SERVED_MODEL_NAME
 from vllm_entropy_kv.eval.server_needle import tokenizer
 from vllm_entropy_kv.forced_tokens import ForcedTokensLogitsProcessor, forced_token_ids
-from vllm_entropy_kv.launch import VllmServer
+from vllm_entropy_kv.launch import VllmServer, default_dtype
 
 VOCAB = 10
 
@@ -57,6 +57,11 @@ def test_each_step_lets_only_its_forced_id_through() -> None:
     assert force(output, logits) is logits  # past the forced ids: the model's own
 
 
+# Prefill scores a token in one pass over the prompt, decode in a step of its own: in bf16 the
+# two round differently (up to 0.16 nats measured); in float32 they agree to 2e-3.
+PROMPT_VS_DECODE_TOLERANCE = {"float32": 2e-3, "bfloat16": 0.25}
+
+
 def forced(url: str, context: list[int], continuation: list[int], policy: str) -> list[float]:
     response = requests.post(f"{url}/v1/completions", timeout=600, json={
         "model": SERVED_MODEL_NAME, "prompt": context, "max_tokens": len(continuation),
@@ -85,7 +90,8 @@ def test_forced_tokens_get_the_models_logprobs_over_the_compressed_cache(
     in_prompt = [entry[str(token)]["logprob"] for entry, token in zip(
         scored.json()["choices"][0]["prompt_logprobs"][len(context):], continuation)]
     full = forced(entropy_server.url, context, continuation, "none")
-    assert full == pytest.approx(in_prompt, abs=2e-3)
+    print("forced - prompt logprobs:", [round(a - b, 4) for a, b in zip(full, in_prompt)])
+    assert full == pytest.approx(in_prompt, abs=PROMPT_VS_DECODE_TOLERANCE[default_dtype()])
     # Compressed, the first token (predicted by the prefill, before compression) is the same
     # and the others are read over the compressed cache.
     compressed = forced(entropy_server.url, context, continuation, "entropy")

@@ -30,7 +30,7 @@ from vllm_entropy_kv.dashboard import (
     substitute,
 )
 from vllm_entropy_kv.engine.setup import COMPRESSION_BLOCK_SIZE
-from vllm_entropy_kv.launch import DEFAULT_DTYPE, VllmServer, free_port
+from vllm_entropy_kv.launch import VllmServer, default_dtype, free_port
 from vllm_entropy_kv.metrics import EntropyKVStats, MetricName, build_stats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,7 +251,7 @@ def test_counters_match_the_known_request(traffic: KnownRequest) -> None:
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     # K and V in the served dtype: for SmolLM2-135M in float32, 3 kv heads x 64 x 2 x 4 B
     # = 1536 B per token per layer.
-    element_bytes = {"float32": 4, "bfloat16": 2}[DEFAULT_DTYPE]
+    element_bytes = {"float32": 4, "bfloat16": 2}[default_dtype()]
     bytes_per_token_layer = config["num_key_value_heads"] * head_dim * 2 * element_bytes
     layers = config["num_hidden_layers"]
 

@@ -22,17 +22,15 @@ from pathlib import Path
 import requests
 
 from vllm_entropy_kv import assets
+from vllm_entropy_kv.cpu import cpu_info
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 # Inductor compilation costs minutes of start-up on 2 cores and, on this model in bf16,
-# changed greedy answers (vLLM 0.32 CPU); eager mode starts in under a minute. float32: on
-# CPUs without native bf16 (the AVX2 machines here) a bf16 matmul of prefill's shape took
-# 4.8 s against 0.09 s in float32 (one thread, 3000x576 @ 576x1536).
-DEFAULT_DTYPE = "float32"
+# changed greedy answers (vLLM 0.32 CPU); eager mode starts in under a minute. The dtype
+# follows the CPU (`cpu.CpuInfo.fast_dtype`) unless `--dtype` is given.
 CPU_DEFAULT_FLAGS: tuple[str, ...] = (
     "--max-model-len", "8192",
-    "--dtype", DEFAULT_DTYPE,
     "--enforce-eager",
 )
 DEFAULT_KV_CACHE_GIB = "2"
@@ -79,6 +77,28 @@ def vllm_executable() -> str:
     return str(beside_python) if beside_python.exists() else shutil.which("vllm") or "vllm"
 
 
+def flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The last value given to `flag` (`--flag V` or `--flag=V`) in a command line."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def default_dtype() -> str:
+    """The dtype the launcher serves when no `--dtype` is given: the CPU's fast one."""
+    return cpu_info().fast_dtype()[0]
+
+
+def served_dtype(extra_args: Sequence[str] = ()) -> str:
+    """The dtype a server started with `extra_args` runs: `--dtype` if given, else the
+    CPU's fast one."""
+    return flag_value(extra_args, "--dtype") or default_dtype()
+
+
 def serve_command(
     model: str | None = None,
     port: int = DEFAULT_PORT,
@@ -88,11 +108,16 @@ def serve_command(
 ) -> list[str]:
     """The `vllm serve` command line: embedded model and CPU defaults, then `extra_args`
     (later flags win in argparse, so callers can override any default)."""
+    dtype, reason = cpu_info().fast_dtype()
+    if (given := flag_value(extra_args, "--dtype")) is not None:
+        dtype, reason = given, f"--dtype {given} given (the CPU's fast dtype is {dtype}: {reason})"
+    print(f"[launch] {cpu_info().describe()}: serving {dtype}: {reason}", file=sys.stderr,
+          flush=True)
     command = [
         vllm_executable(), "serve", model or str(assets.prepare_model()),
         "--served-model-name", assets.SERVED_MODEL_NAME,
         "--host", host, "--port", str(port),
-        *CPU_DEFAULT_FLAGS,
+        *CPU_DEFAULT_FLAGS, "--dtype", dtype,
     ]
     if policy is not None:
         command += ["--kv-policy", policy]

@@ -15,8 +15,6 @@ logprobs: those are computed during the prefill, before compression, and would s
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +33,8 @@ from vllm_entropy_kv.bench.probes import (
     sampled_completion,
     timed_completion,
 )
-from vllm_entropy_kv.launch import DEFAULT_DTYPE, VllmServer, free_port, metric, pool_flags
+from vllm_entropy_kv.engine.setup import COMPRESSION_BLOCK_SIZE
+from vllm_entropy_kv.launch import VllmServer, default_dtype, free_port, metric, pool_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "BENCHMARKS.md"
@@ -275,11 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def report_header(args: argparse.Namespace, command: str, started: str) -> str:
     return (
-        f"`{command}`, started {started}; model SmolLM2-135M-Instruct ({DEFAULT_DTYPE}, "
-        f"vLLM 0.32.0 CPU, `--enforce-eager`), {platform.machine()} machine, "
-        f"{len(os.sched_getaffinity(0))} cores. Every cell ran on the same "
-        "server through per-request settings (`vllm_xargs`), one after the other; ratios "
-        f"are to `none` on that server. Main server KV cache {args.kv_cache_gib} GiB"
+        f"`{command}`, started {started}; "
+        f"{report.machine_description(default_dtype(), COMPRESSION_BLOCK_SIZE)}. Every cell "
+        "ran on the same server through per-request settings (`vllm_xargs`), one after the "
+        f"other; ratios are to `none` on that server. Main server KV cache {args.kv_cache_gib} GiB"
         + (f", capacity server a pool of {args.capacity_kv_tokens} tokens."
            if "capacity" in args.stages else ".")
     )

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from vllm_entropy_kv import assets
 from vllm_entropy_kv.bench.probes import Batch, Cell, Timing
+from vllm_entropy_kv.cpu import cpu_info
 from vllm_entropy_kv.eval.perplexity import Scored
 
 
@@ -21,6 +27,20 @@ class Results:
     needle_cases: int = 0
     prefill_seconds: dict[str, float] = field(default_factory=dict)
     perplexity: dict[str, Scored] = field(default_factory=dict)
+
+
+def machine_description(dtype: str, block_size: int) -> str:
+    """The served model and dtype, the CPU, its ISA and the KV cache layout vLLM's attention
+    picks there: what every benchmark header names."""
+    from vllm_entropy_kv.engine.cache_layout import attention_isa
+
+    config = json.loads((assets.prepare_model() / "config.json").read_text())
+    head_size = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    torch_dtype = getattr(torch, dtype, None)
+    layout = attention_isa(torch_dtype, block_size, head_size) if torch_dtype else "?"
+    return (f"model SmolLM2-135M-Instruct ({dtype}, vLLM 0.32.0 CPU, `--enforce-eager`), "
+            f"CPU {cpu_info().describe()}, {len(os.sched_getaffinity(0))} cores, "
+            f"attention layout '{layout}' ({block_size}-token blocks)")
 
 
 def ratio(value: float | None, reference: float | None) -> str:

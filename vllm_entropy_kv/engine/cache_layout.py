@@ -24,6 +24,14 @@ _BASE = 256
 _UNWRITTEN, _OTHER_HALF = -1.0, -2.0
 
 
+def attention_isa(dtype: torch.dtype, block_size: int, head_size: int) -> str:
+    """The layout vLLM's CPU attention picks on this CPU for an unquantised cache (private
+    `_get_attn_isa`, read from vLLM 0.32.0)."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, block_size, head_size)
+
+
 def request_amx_permission() -> None:
     """Linux lets a process run AMX tile instructions only after it asks (arch_prctl); vLLM's
     worker asks at start-up, any other process that runs the CPU attention kernels (a test,
