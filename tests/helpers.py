@@ -1,14 +1,23 @@
-"""Small HTTP helpers shared by the server tests."""
+"""Small HTTP helpers shared by the server tests, and the block arithmetic of a budget."""
 
 from __future__ import annotations
 
+import json
+import math
 import time
 
 import requests
 
+from vllm_entropy_kv import assets
 from vllm_entropy_kv.assets import SERVED_MODEL_NAME
+from vllm_entropy_kv.engine.setup import COMPRESSION_BLOCK_SIZE as BLOCK
 from vllm_entropy_kv.eval.texts import essays_text
 from vllm_entropy_kv.launch import metric
+from vllm_entropy_kv.policies import Budget
+
+LAYERS = json.loads((assets.prepare_model() / "config.json").read_text())["num_hidden_layers"]
+# The entropy server's settings (conftest.py), as the plugin turns them into a `Budget`.
+DEFAULT_BUDGET = Budget(0.25, block_size=BLOCK)
 
 
 def prompt_of_words(num_words: int, offset: int = 0) -> str:
@@ -33,3 +42,25 @@ def wait_for_idle_cache(url: str, timeout_s: float = 60) -> float:
         time.sleep(0.5)
         usage = metric(url, "vllm:kv_cache_usage_perc")
     return usage
+
+
+def compressed(prompt_tokens: int, budget: Budget = DEFAULT_BUDGET) -> bool:
+    """Whether the worker compresses a prompt (`CompressionWorker.compressible_tokens`)."""
+    floor = budget.sink_tokens + budget.recent_tokens
+    return prompt_tokens // BLOCK * BLOCK >= max(2 * BLOCK, floor + BLOCK)
+
+
+def kept_blocks(prompt_tokens: int, budget: Budget = DEFAULT_BUDGET) -> int:
+    """Blocks, summed over the layers, that a compressed prompt's whole blocks keep.
+
+    `Budget.tokens_per_layer` times the layers is the global budget; every policy splits it
+    over the layers (uniformly, by entropy, as a pyramid) by water-filling, which keeps the
+    total, then rounds each layer to whole blocks by largest remainder, which keeps the total
+    to the nearest block; no layer goes below the sink + recent floor rounded up to a block
+    (`policies/budgets.py`). Summary tokens (entropy-merge, src) are slots inside a layer's
+    budget, so they need no term of their own. The prompt's partial last block is not
+    compressed and comes on top."""
+    n = prompt_tokens // BLOCK * BLOCK
+    floor = min(n, budget.sink_tokens + budget.recent_tokens)
+    per_layer = budget.tokens_per_layer(n)
+    return max(LAYERS * math.ceil(floor / BLOCK), math.floor(LAYERS * per_layer / BLOCK + 0.5))
