@@ -4,19 +4,18 @@ continuation over the compressed cache: the rules without vLLM's engine, then a 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
+import os
 
 import pytest
 import requests
 import torch
 from helpers import prompt_of_words
 
+from vllm_entropy_kv import assets
 from vllm_entropy_kv.assets import SERVED_MODEL_NAME
 from vllm_entropy_kv.eval.server_needle import tokenizer
 from vllm_entropy_kv.forced_tokens import ForcedTokensLogitsProcessor, forced_token_ids
 from vllm_entropy_kv.launch import VllmServer, default_dtype
-
-VOCAB = 10
 
 
 def params(forced: object, max_tokens: int | None = None):
@@ -43,16 +42,34 @@ def test_more_steps_than_forced_ids_are_refused() -> None:
     assert forced_token_ids(params([1, 2], max_tokens=2)) == [1, 2]
 
 
-def test_each_step_lets_only_its_forced_id_through() -> None:
-    config = SimpleNamespace(model_config=SimpleNamespace(get_vocab_size=lambda: VOCAB))
-    processor = ForcedTokensLogitsProcessor(config, torch.device("cpu"), False)
-    assert processor.new_req_logits_processor(SimpleNamespace(extra_args=None)) is None
-    force = processor.new_req_logits_processor(params([3, 7, 99]))
-    logits = torch.arange(VOCAB, dtype=torch.float32)
+@pytest.fixture(scope="module")
+def vllm_config():
+    """A real VllmConfig of the embedded model (no engine). Building one runs the CPU
+    platform's config check, which sets environment variables for vLLM's worker processes
+    (LD_PRELOAD among them): they are put back so that servers started later by this test
+    process are not changed."""
+    from vllm.config import ModelConfig, VllmConfig
+
+    saved = dict(os.environ)
+    try:
+        return VllmConfig(model_config=ModelConfig(model=str(assets.prepare_model())))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_each_step_lets_only_its_forced_id_through(vllm_config) -> None:
+    from vllm import SamplingParams
+
+    processor = ForcedTokensLogitsProcessor(vllm_config, torch.device("cpu"), False)
+    vocab = vllm_config.model_config.get_vocab_size()
+    assert processor.new_req_logits_processor(SamplingParams()) is None
+    force = processor.new_req_logits_processor(params([3, 7, vocab + 89]))
+    logits = torch.arange(vocab, dtype=torch.float32)
     output: list[int] = []
-    for expected in (3, 7, VOCAB - 1):  # an id past the vocabulary becomes its last
+    for expected in (3, 7, vocab - 1):  # an id past the vocabulary becomes its last
         step = force(output, logits)
-        assert int(step.argmax()) == expected and torch.isinf(step).sum() == VOCAB - 1
+        assert int(step.argmax()) == expected and torch.isinf(step).sum() == vocab - 1
         output.append(expected)
     assert force(output, logits) is logits  # past the forced ids: the model's own
 
