@@ -12,7 +12,7 @@ LOG_DIR = Path(__file__).resolve().parent.parent / "reports" / "test-logs"
 MAX_MODEL_LEN = 8192
 # The scheduling every policy imposes, given to `none` and stock servers too so that
 # outputs compare token for token.
-SAME_SCHEDULING = comparison_flags(MAX_MODEL_LEN)
+SAME_SCHEDULING = comparison_flags()
 TEST_KV_GIB = "1"
 
 

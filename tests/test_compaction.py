@@ -135,9 +135,9 @@ def test_compacted_cache_reads_as_kept_tokens_plus_tail(policy: str, layout: Lay
     worker.configure(config, block, num_layers=1)
     # The attention layer's fields the worker reads (a real one needs a whole VllmConfig).
     layer = SimpleNamespace(isa=layout.isa, _k_scale_float=1.0, _v_scale_float=1.0)
-    request = CaptureRequest("req-0", 0, worker.compressible_tokens(n, config), block_row, config,
-                             prompt_tokens=n)
-    worker.capture(request, 0, layer, queries, keys, values, kv_cache, layout.scale, "auto")
+    request = CaptureRequest("req-0", 0, 0, n, worker.compressible_tokens(n, config), block_row,
+                             config, prompt_tokens=n)
+    worker.capture(request, 0, layer, queries, kv_cache, layout.scale, "auto")
     worker.compact()
     report = worker.take_reports()["req-0"]
     first, last = report.freed_ranges[0]
@@ -223,6 +223,44 @@ def test_biased_attention_of_several_queries_is_causal(layout: Layout) -> None:
             values[:seen].transpose(0, 1), torch.cat([log_bias, torch.zeros(seen - 5)]),
         )
         torch.testing.assert_close(got[i : i + 1], want, atol=1e-4, rtol=1e-4)
+
+
+def compress_in_chunks(chunks: list[tuple[int, int]], policy: str = "entropy") -> str:
+    """Compress one 3-layer request whose prompt is computed in `chunks` (start, end); each
+    chunk's queries sit after 5 rows of another request in the batch. Returns the plan digest.
+    """
+    layout = LAYOUTS[0]
+    torch.manual_seed(0)
+    n, num_layers = 8 * layout.block + 10, 3
+    block_row = torch.tensor([11, 3, 7, 0, 9, 14, 2, 5, 12], dtype=torch.int32)
+    caches = [layout.cache(16) for _ in range(num_layers)]
+    queries = [layout.randn(n, HQ) for _ in range(num_layers)]
+    for cache in caches:
+        write(cache, layout, layout.randn(n, HKV), layout.randn(n, HKV), block_row, 0)
+    worker = CompressionWorker()
+    config = KVPolicyConfig(policy=policy, budget=0.25)
+    worker.configure(config, layout.block, num_layers=num_layers)
+    layer = SimpleNamespace(isa=layout.isa, _k_scale_float=1.0, _v_scale_float=1.0)
+    for start, end in chunks:
+        request = CaptureRequest("req-0", 5, start, end, worker.compressible_tokens(n, config),
+                                 block_row, config, prompt_tokens=n)
+        for i in range(num_layers):
+            batch = torch.cat([layout.randn(5, HQ), queries[i][start:end]])
+            worker.capture(request, i, layer, batch, caches[i], layout.scale, "auto")
+        worker.compact()
+        reports = worker.take_reports()
+        assert ("req-0" in reports) == (end == n)  # compressed after the last chunk only
+    return reports["req-0"].plan_digest
+
+
+@pytest.mark.parametrize("policy", ["entropy", "snapkv", "src"])
+def test_chunked_prefill_plans_what_one_chunk_plans(policy: str) -> None:
+    """Queries gathered over chunks (the window straddles the last two) and keys read back
+    from the cache give the plan of a prompt computed at once."""
+    n = 8 * 32 + 10
+    whole = compress_in_chunks([(0, n)], policy)
+    assert compress_in_chunks([(0, 100), (100, n - 8), (n - 8, n)], policy) == whole
+    assert compress_in_chunks([(0, n - 40), (n - 40, n)], policy) == whole
 
 
 def test_short_prompts_are_not_compressed() -> None:

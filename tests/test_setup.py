@@ -22,8 +22,10 @@ from vllm_entropy_kv.engine.setup import (
 
 POLICY = KVPolicyConfig(policy="entropy")
 # Every setting `prepare_engine_args` may change, as its log line names it.
-ADJUSTED = ("enable_prefix_caching", "enable_chunked_prefill", "async_scheduling",
-            "block_size", "max_num_batched_tokens", RESERVED_CPU_ENV)
+ADJUSTED = ("enable_prefix_caching", "block_size", RESERVED_CPU_ENV)
+# vLLM's scheduling settings, which compression leaves as they are.
+SCHEDULING = {"enable_chunked_prefill": True, "async_scheduling": True,
+              "max_num_batched_tokens": 64}
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +63,7 @@ def test_the_plugin_logger_reaches_pytest() -> None:
 def test_every_changed_setting_is_logged_once_with_old_new_and_reason(
     model_dir: str, unset_reserved_cpus: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    args = EngineArgs(model=model_dir, enable_prefix_caching=True, enable_chunked_prefill=True,
-                      async_scheduling=True, max_num_batched_tokens=64)
-    max_model_len = args.create_model_config().max_model_len
+    args = EngineArgs(model=model_dir, enable_prefix_caching=True, **SCHEDULING)
     with caplog.at_level(logging.WARNING, logger=setup.logger.name):
         prepare_engine_args(args, POLICY)
     warnings = adjustment_warnings(caplog)
@@ -71,19 +71,15 @@ def test_every_changed_setting_is_logged_once_with_old_new_and_reason(
     assert all(len(lines) == 1 for lines in warnings.values()), warnings
     expected = {
         "enable_prefix_caching": "True -> False: ",
-        "enable_chunked_prefill": "True -> False: compression scores the whole prompt",
-        "async_scheduling": "True -> False: ",
         "block_size": f"unset (vLLM's default) -> {COMPRESSION_BLOCK_SIZE}: ",
-        "max_num_batched_tokens": f"64 -> {max_model_len}: ",
         RESERVED_CPU_ENV: "unset (vLLM's default) -> 1: ",
     }
     for setting, change in expected.items():
         assert f"vllm-entropy-kv: {setting} {change}" in warnings[setting][0]
-    # The behaviour itself is unchanged: the values are applied.
-    assert (args.enable_prefix_caching, args.enable_chunked_prefill, args.async_scheduling) \
-        == (False, False, False)
+    assert args.enable_prefix_caching is False
     assert args.block_size == COMPRESSION_BLOCK_SIZE
-    assert args.max_num_batched_tokens == max_model_len
+    # Chunked prefill, async scheduling and the step's token budget stay the user's.
+    assert {name: getattr(args, name) for name in SCHEDULING} == SCHEDULING
 
 
 def test_vllm_defaults_that_change_are_logged_as_unset(
@@ -92,16 +88,16 @@ def test_vllm_defaults_that_change_are_logged_as_unset(
     with caplog.at_level(logging.WARNING, logger=setup.logger.name):
         prepare_engine_args(EngineArgs(model=model_dir), POLICY)
     warnings = adjustment_warnings(caplog)
-    assert "enable_chunked_prefill unset (vLLM's default) -> False" in \
-        warnings["enable_chunked_prefill"][0]
+    assert "enable_prefix_caching unset (vLLM's default) -> False" in \
+        warnings["enable_prefix_caching"][0]
+    assert not set(warnings) & set(SCHEDULING)
 
 
 def test_settings_already_right_are_not_logged(
     model_dir: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv(RESERVED_CPU_ENV, "1")
-    args = EngineArgs(model=model_dir, enable_prefix_caching=False,
-                      enable_chunked_prefill=False, async_scheduling=False, block_size=64,
+    args = EngineArgs(model=model_dir, enable_prefix_caching=False, block_size=64,
                       max_num_batched_tokens=1 << 20)
     with caplog.at_level(logging.WARNING, logger=setup.logger.name):
         prepare_engine_args(args, POLICY)
@@ -116,3 +112,9 @@ def test_enforce_eager_is_left_to_vllm(model_dir: str, unset_reserved_cpus: None
         args = EngineArgs(model=model_dir, enforce_eager=eager)
         prepare_engine_args(args, POLICY)
         assert args.enforce_eager is eager
+
+
+def test_a_quantised_kv_cache_is_refused_with_a_policy(model_dir: str) -> None:
+    args = EngineArgs(model=model_dir, kv_cache_dtype="fp8")
+    with pytest.raises(setup.UnsupportedWithPolicyError, match="--kv-cache-dtype fp8"):
+        prepare_engine_args(args, POLICY)

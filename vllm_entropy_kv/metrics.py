@@ -77,6 +77,9 @@ COUNTER_METRICS: dict[str, str] = {
 RATIO = "compression_ratio"  # gauge: latest request
 LAYER_BUDGET = "layer_budget"  # {layer: ratio}, gauge: latest request
 SECONDS = "compaction_seconds"  # [seconds], histogram observations
+# {prompt_tokens, plan_digest} of the latest request: `worker.plan_digest` fingerprints its
+# kept indices, so two servers' plans of one prompt compare in `GET /v1/kv-policy`.
+LAST_PLAN = "last_plan"
 ENTROPY = "layer_entropy"  # {layer: [entropy]}, histogram observations
 
 ENTROPY_BUCKETS: list[float] = [round(0.1 * i, 1) for i in range(1, 11)]
@@ -114,6 +117,7 @@ class EntropyKVStats(KVConnectorStats):
         seconds: float,
         layer_entropy: dict[int, float] | None = None,
         summaries_per_layer: dict[int, tuple[int, int]] | None = None,
+        plan_digest: str = "",
     ) -> None:
         """One compressed request: `kept_per_layer` slots of the `compressible_tokens` prefix
         stay in each layer (kept tokens, then summary tokens); the tail beyond that prefix
@@ -146,6 +150,7 @@ class EntropyKVStats(KVConnectorStats):
         entry[LAYER_BUDGET] = {
             str(layer): k / prompt_tokens if prompt_tokens else 1.0 for layer, k in kept.items()
         }
+        entry[LAST_PLAN] = {"prompt_tokens": prompt_tokens, "plan_digest": plan_digest}
         entry.setdefault(SECONDS, []).append(float(seconds))
         entropies = entry.setdefault(ENTROPY, {})
         for layer, value in (layer_entropy or {}).items():
@@ -165,7 +170,7 @@ class EntropyKVStats(KVConnectorStats):
             for key, value in theirs.items():
                 if key in COUNTER_KEYS:
                     mine[key] = mine.get(key, 0) + value
-                elif key in (RATIO, LAYER_BUDGET):
+                elif key in (RATIO, LAYER_BUDGET, LAST_PLAN):
                     mine[key] = copy.deepcopy(value)
                 elif key == SECONDS:
                     mine.setdefault(SECONDS, []).extend(value)
@@ -218,6 +223,7 @@ class LiveTotals:
                     totals["last_request"] = {
                         RATIO: entry[RATIO],
                         "layer_budget_ratio": dict(entry.get(LAYER_BUDGET, {})),
+                        **entry.get(LAST_PLAN, {}),
                     }
 
     def snapshot(self) -> dict[str, dict[str, Any]]:

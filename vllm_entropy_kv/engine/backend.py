@@ -65,18 +65,13 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
         virtual_rows: dict[int, tuple[int, int]] = {}
         biases: dict[int, torch.Tensor] = {}
         for row, req_id in enumerate(req_ids):
-            query_len = query_start[row + 1] - query_start[row]
-            if seq_lens[row] == query_len:
-                # Computed from position 0 (new, or recomputed after preemption): any
-                # earlier compaction of this request is void.
-                worker.forget(req_id)
-                config = worker.request_config(req_id)
-                num_tokens = worker.compressible_tokens(query_len, config)
-                if num_tokens:
-                    captures.append(CaptureRequest(
-                        req_id, query_start[row], num_tokens, cam.block_table_tensor[row],
-                        config, prompt_tokens=query_len,
-                    ))
+            chunk_start = seq_lens[row] - (query_start[row + 1] - query_start[row])
+            if chunk_start == 0:
+                worker.start_prefill(req_id)
+            request = worker.capture_request(req_id, query_start[row], chunk_start,
+                                             seq_lens[row], cam.block_table_tensor[row])
+            if request is not None:
+                captures.append(request)
             elif (freed := worker.freed.get(req_id, {}).get(self.layer_idx)) is not None:
                 bias = worker.log_bias.get(req_id, {}).get(self.layer_idx)
                 if freed[0] == freed[1] and bias is None:
@@ -144,8 +139,8 @@ class EntropyKVAttentionImpl(CPUAttentionBackendImpl):
         if isinstance(attn_metadata, EntropyKVAttentionMetadata) and attn_metadata.captures:
             worker = compression_worker()
             for request in attn_metadata.captures:
-                worker.capture(request, attn_metadata.layer_idx, layer, query, key, value,
-                               kv_cache, self.scale, self.kv_cache_dtype)
+                worker.capture(request, attn_metadata.layer_idx, layer, query, kv_cache,
+                               self.scale, self.kv_cache_dtype)
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                  output_scale, output_block_scale)
         if isinstance(attn_metadata, EntropyKVAttentionMetadata) and attn_metadata.biased_rows:

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from vllm.logger import init_logger
+from vllm.utils.torch_utils import is_quantized_kv_cache
 
 from vllm_entropy_kv.config import KVPolicyConfig
 
@@ -42,22 +43,22 @@ def prepare_engine_args(engine_args: Any, config: KVPolicyConfig) -> None:
             f"--kv-policy {config.policy}: --kv-transfer-config is taken by the compression "
             "connector; other KV connectors cannot be combined with it"
         )
+    if is_quantized_kv_cache(engine_args.kv_cache_dtype or "auto"):
+        raise UnsupportedWithPolicyError(
+            f"--kv-policy {config.policy}: --kv-cache-dtype {engine_args.kv_cache_dtype} is "
+            "not supported with KV compression: compaction reads the prompt's keys back from "
+            "the paged cache, which a quantised cache holds scaled and rounded; use "
+            "--kv-cache-dtype auto (the model's dtype)"
+        )
+    # Chunked prefill, async scheduling and max_num_batched_tokens stay as vLLM sets them:
+    # compression observes the prompt's last chunk and reads earlier keys from the cache,
+    # and frees blocks only after the step that stopped reading them (docs/ENGINE.md).
     _set_arg(engine_args, "enable_prefix_caching", False,
              "compacted blocks no longer hold the tokens their hashes name")
-    _set_arg(engine_args, "enable_chunked_prefill", False,
-             "compression scores the whole prompt at the end of its prefill, in one step")
-    _set_arg(engine_args, "async_scheduling", False,
-             "blocks freed by a step's compaction could reach another request while the "
-             "step scheduled ahead of it still reads them")
     if engine_args.block_size is None:
         _set_arg(engine_args, "block_size", COMPRESSION_BLOCK_SIZE,
                  "a layer frees whole blocks, and 32-token blocks (the smallest the CPU "
                  "kernel takes) free more of a compressed prompt than vLLM's default of 128")
-    max_model_len = engine_args.create_model_config().max_model_len
-    _set_arg(engine_args, "max_num_batched_tokens",
-             max(engine_args.max_num_batched_tokens or 0, max_model_len),
-             f"without chunked prefill a whole prompt (up to max_model_len {max_model_len} "
-             "tokens) must fit in one step")
     if RESERVED_CPU_ENV not in os.environ:
         reserved = str(engine_args.tensor_parallel_size)
         _log_change(RESERVED_CPU_ENV, None, reserved,
@@ -86,16 +87,10 @@ def _set_arg(engine_args: Any, name: str, new: Any, reason: str) -> None:
     setattr(engine_args, name, new)
 
 
-def comparison_flags(max_model_len: int) -> list[str]:
-    """`vllm serve` flags that give a `none` server the scheduling a policy imposes
+def comparison_flags() -> list[str]:
+    """`vllm serve` flags that give a `none` server the settings a policy changes
     (`prepare_engine_args`), so outputs can be compared token for token."""
-    return [
-        "--block-size", str(COMPRESSION_BLOCK_SIZE),
-        "--no-enable-prefix-caching",
-        "--no-enable-chunked-prefill",
-        "--no-async-scheduling",
-        "--max-num-batched-tokens", str(max_model_len),
-    ]
+    return ["--block-size", str(COMPRESSION_BLOCK_SIZE), "--no-enable-prefix-caching"]
 
 
 def check_platform(config: KVPolicyConfig) -> None:

@@ -1,15 +1,19 @@
 """Worker-side compression: capture each layer's prefill, plan with the policy, compact.
 
 Timeline of one request, all in the worker process:
-1. The step that computes the request from position 0 (whole-prompt prefill; chunked prefill
-   is off when a policy is on): every layer's backend `forward` hands its queries, keys and
-   values to `CompressionWorker.capture`.
-2. After the forward (`wait_for_save` of the connector), `compact` runs the policy over all
-   layers, writes each layer's kept tokens to the front of its blocks with the layout-safe
-   cache op, and records the logical block range `[first, last)` that layer no longer reads.
+1. The steps that compute the request's prompt, in one chunk or several (vLLM's chunked
+   prefill): every layer's backend `forward` hands `CompressionWorker.capture` the queries
+   of the observation window (the prompt's last W positions) that its chunk holds. Nothing
+   else is kept: keys and values are in the paged cache.
+2. After the forward of the prompt's last chunk (`wait_for_save` of the connector),
+   `compact` reads each layer's prompt keys and values back from the paged cache
+   (`cache_layout`), runs the policy over all layers, writes each layer's kept tokens to the
+   front of its blocks with the layout-safe cache op, and records the logical block range
+   `[first, last)` that layer no longer reads.
 3. Later steps: the metadata builder gives the kernel a virtual block-table row without that
    range and a physical sequence length; positions and slot mapping stay logical.
-The scheduler hears of each range through the connector and returns the blocks to the pool.
+The scheduler hears of each range through the connector and returns the blocks to the pool
+(docs/ENGINE.md: why that never races a step in flight under async scheduling).
 
 Only the compressible prefix (whole blocks) is planned; the partially filled last prompt
 block stays in place because decode appends to it at logical slots. The observation window
@@ -19,6 +23,7 @@ question after a long context sits, and it may lie entirely in the partial block
 
 from __future__ import annotations
 
+import hashlib
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -44,30 +49,71 @@ BlockRange = tuple[int, int]
 
 @dataclass
 class CaptureRequest:
-    """A batch row whose prompt is prefilled in this step and will be compressed."""
+    """A batch row that computes prompt positions `[chunk_start, chunk_end)` of a request
+    that will be compressed (the whole prompt, or one chunk of it)."""
 
     req_id: str
-    token_start: int
+    token_start: int  # the row's first query in the batch
+    chunk_start: int
+    chunk_end: int
     num_tokens: int  # compressible prefix: whole blocks only
     block_ids: torch.Tensor  # this layer's logical block row for the request
     config: KVPolicyConfig  # the server's settings with the request's own on top
-    prompt_tokens: int  # the whole prompt; its last queries observe (the question is there)
+    prompt_tokens: int  # the prefill's length; its last queries observe (the question)
+
+    @property
+    def is_last_chunk(self) -> bool:
+        return self.chunk_end >= self.prompt_tokens
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """The prompt positions of the observation queries."""
+        return max(0, self.prompt_tokens - self.config.window), self.prompt_tokens
 
 
 @dataclass
 class CapturedLayer:
-    observation: LayerObservation
-    block_ids: torch.Tensor
-    kv_cache: torch.Tensor
-    layer: Any  # the vLLM attention layer: its ISA tag and KV scales drive the cache op
-    kv_cache_dtype: str
+    """One layer's observation queries, gathered chunk by chunk, and, once the last chunk
+    ran, where its cache is."""
+
+    query_chunks: list[torch.Tensor] = field(default_factory=list)  # [t, Hq, d] each
+    scale: float = 1.0
+    block_ids: torch.Tensor | None = None
+    kv_cache: torch.Tensor | None = None
+    layer: Any = None  # the vLLM attention layer: its ISA tag and KV scales drive the cache op
+    kv_cache_dtype: str = "auto"
+
+    def observation(self, num_tokens: int, prompt_tokens: int) -> LayerObservation:
+        """Queries from the capture, keys and values of the first `num_tokens` prompt
+        positions read back from the paged cache (copies of what the forward wrote)."""
+        assert self.kv_cache is not None and self.block_ids is not None
+        layout = cache_layout(self.layer.isa, self.kv_cache, self.kv_cache_dtype)
+        assert layout is not None, "refused at start-up (engine/setup.py)"
+        keys, values = layout.gather(self.kv_cache, self.block_ids, num_tokens)
+        return LayerObservation(
+            queries=torch.cat(self.query_chunks).transpose(0, 1).contiguous(),
+            keys=keys, values=values, scale=self.scale,
+            query_offset=prompt_tokens - num_tokens,
+        )
 
 
 @dataclass
 class PendingCompression:
     num_tokens: int
+    prompt_tokens: int
     config: KVPolicyConfig
     layers: dict[int, CapturedLayer] = field(default_factory=dict)
+    complete: bool = False  # the prompt's last chunk has run
+
+    def incomplete_layers(self, num_layers: int) -> list[int]:
+        """Layers without their whole observation window or their cache (a request whose
+        chunks some layer did not see; never expected)."""
+        window = min(self.config.window, self.prompt_tokens)
+        return [
+            i for i in range(num_layers)
+            if (captured := self.layers.get(i)) is None or captured.kv_cache is None
+            or sum(chunk.shape[0] for chunk in captured.query_chunks) != window
+        ]
 
 
 @dataclass
@@ -84,6 +130,7 @@ class CompressionReport:
     prompt_tokens: int = 0
     layer_entropy: dict[int, float] = field(default_factory=dict)
     summaries: dict[int, tuple[int, int]] = field(default_factory=dict)  # (slots, merged)
+    plan_digest: str = ""
 
 
 class CompressionWorker:
@@ -98,6 +145,8 @@ class CompressionWorker:
         self.freed: dict[str, dict[int, BlockRange]] = {}
         self.log_bias: dict[str, dict[int, torch.Tensor]] = {}
         self.pending: dict[str, PendingCompression] = {}
+        # Tokens each request's current prefill computes (set when it starts at position 0).
+        self.prefill_tokens: dict[str, int] = {}
         self.request_configs: dict[str, KVPolicyConfig] = {}
         self.reports: dict[str, CompressionReport] = {}
         self.stats = EntropyKVStats()
@@ -158,11 +207,41 @@ class CompressionWorker:
         self.freed.pop(req_id, None)
         self.log_bias.pop(req_id, None)
         self.pending.pop(req_id, None)
+        self.prefill_tokens.pop(req_id, None)
 
     def finish(self, req_id: str) -> None:
         """Drop all state of a finished request."""
         self.forget(req_id)
         self.request_configs.pop(req_id, None)
+
+    def start_prefill(self, req_id: str) -> int:
+        """A request computed from position 0 (new, or recomputed after preemption): any
+        earlier compaction of it is void. Returns the tokens this prefill computes: the
+        prompt, plus the outputs so far after a preemption."""
+        self.forget(req_id)
+        state = self._request_state(req_id)
+        self.prefill_tokens[req_id] = int(getattr(state, "num_tokens", 0))
+        return self.prefill_tokens[req_id]
+
+    def capture_request(
+        self, req_id: str, token_start: int, chunk_start: int, chunk_end: int,
+        block_ids: torch.Tensor,
+    ) -> CaptureRequest | None:
+        """What a metadata builder's batch row asks of `capture`, or None when the row holds
+        no prompt position that compression needs."""
+        prompt_tokens = self.prefill_tokens.get(req_id, 0)
+        if chunk_start >= prompt_tokens:
+            return None  # decoding
+        config = self.request_config(req_id)
+        num_tokens = self.compressible_tokens(prompt_tokens, config)
+        if not num_tokens:
+            return None
+        request = CaptureRequest(req_id, token_start, chunk_start, chunk_end, num_tokens,
+                                 block_ids, config, prompt_tokens)
+        first, last = request.window
+        if chunk_end <= first and not request.is_last_chunk:
+            return None  # an earlier chunk: none of its queries observe
+        return request
 
     def capture(
         self,
@@ -170,36 +249,35 @@ class CompressionWorker:
         layer_idx: int,
         layer: Any,
         query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
         kv_cache: torch.Tensor,
         scale: float,
         kv_cache_dtype: str,
     ) -> None:
-        """Keep what `layer_idx` saw of the request's prompt (copies: vLLM reuses buffers)."""
-        start, n, end = request.token_start, request.num_tokens, request.prompt_tokens
-        window = min(request.config.window, end)
-        observation = LayerObservation(
-            queries=query[start + end - window : start + end].transpose(0, 1).contiguous(),
-            keys=key[start : start + n].transpose(0, 1).contiguous(),
-            values=value[start : start + n].transpose(0, 1).contiguous(),
-            scale=scale,
-            query_offset=end - n,
-        )
-        pending = self.pending.setdefault(
-            request.req_id, PendingCompression(n, request.config)
-        )
-        pending.layers[layer_idx] = CapturedLayer(
-            observation, request.block_ids.clone(), kv_cache, layer, kv_cache_dtype
-        )
+        """Keep the observation queries `layer_idx` computed in this chunk (copies: vLLM
+        reuses its buffers), and, at the last chunk, where the layer's cache is."""
+        pending = self.pending.setdefault(request.req_id, PendingCompression(
+            request.num_tokens, request.prompt_tokens, request.config))
+        captured = pending.layers.setdefault(layer_idx, CapturedLayer(scale=scale))
+        first, last = request.window
+        first, last = max(first, request.chunk_start), min(last, request.chunk_end)
+        if first < last:
+            offset = request.token_start - request.chunk_start
+            captured.query_chunks.append(query[offset + first : offset + last].clone())
+        if request.is_last_chunk:
+            captured.block_ids = request.block_ids.clone()
+            captured.kv_cache, captured.layer = kv_cache, layer
+            captured.kv_cache_dtype = kv_cache_dtype
+            pending.complete = True
 
     def compact(self) -> None:
-        """Plan and compact every request captured in this step's forward."""
-        pending, self.pending = self.pending, {}
-        for req_id, request in pending.items():
-            if len(request.layers) != self.num_layers:
-                logger.warning("vllm-entropy-kv: %s captured %d of %d layers; not compressed",
-                               req_id, len(request.layers), self.num_layers)
+        """Plan and compact every request whose prompt's last chunk ran in this forward."""
+        complete = [req_id for req_id, p in self.pending.items() if p.complete]
+        for req_id in complete:
+            request = self.pending.pop(req_id)
+            self.prefill_tokens.pop(req_id, None)
+            if missing := request.incomplete_layers(self.num_layers):
+                logger.warning("vllm-entropy-kv: %s: layers %s were not captured whole; not "
+                               "compressed", req_id, missing)
                 continue
             started = time.perf_counter()
             report, log_bias = self._compact_request(request)
@@ -208,7 +286,7 @@ class CompressionWorker:
             if log_bias:
                 self.log_bias[req_id] = log_bias
             self.reports[req_id] = report
-            self._record_stats(req_id, report)
+            self._record_stats(report)
 
     def _compact_request(
         self, request: PendingCompression
@@ -218,14 +296,15 @@ class CompressionWorker:
         config = request.config
         # Built from all of the request's settings (window, reach, ...), cached per value.
         policy = config.make_policy()
+        block, n = self.block_size, request.num_tokens
         layer_ids = sorted(request.layers)
         captured = [request.layers[i] for i in layer_ids]
-        plans = policy.plan([c.observation for c in captured], config.budget_for(self.block_size))
-        block, n = self.block_size, request.num_tokens
+        observations = [c.observation(n, request.prompt_tokens) for c in captured]
+        plans = policy.plan(observations, config.budget_for(block))
         kept: dict[int, int] = {}
         freed: dict[int, BlockRange] = {}
         log_bias: dict[int, torch.Tensor] = {}
-        for layer_idx, cap, plan in zip(layer_ids, captured, plans):
+        for layer_idx, cap, observation, plan in zip(layer_ids, captured, observations, plans):
             m = plan.num_physical
             kept[layer_idx] = m
             if m % block or m > n:
@@ -234,7 +313,7 @@ class CompressionWorker:
             # Kept tokens in prompt order, then the summaries: the layer's new first m slots.
             # A plan that keeps every token goes the same way (an identity rewrite of its
             # slots) and frees the empty range (n // block, n // block).
-            keys, values, bias = compressed_kv(cap.observation, plan)
+            keys, values, bias = compressed_kv(observation, plan)
             positions = torch.arange(m)
             slots = cap.block_ids[positions // block].to(torch.int64) * block + positions % block
             write_tokens(
@@ -244,13 +323,7 @@ class CompressionWorker:
             )
             freed[layer_idx] = (m // block, n // block)
             if config.merge_bias and bool(bias.any()):
-                if cache_layout(cap.layer.isa, cap.kv_cache, cap.kv_cache_dtype) is not None:
-                    log_bias[layer_idx] = bias
-                else:
-                    logger.warning_once(
-                        "vllm-entropy-kv: summary tokens are served without their log(count) "
-                        "bias: a %s KV cache cannot be read back for the biased attention",
-                        cap.kv_cache_dtype)
+                log_bias[layer_idx] = bias
         entropies = {
             layer_idx: plan.layer_entropy
             for layer_idx, plan in zip(layer_ids, plans)
@@ -262,7 +335,9 @@ class CompressionWorker:
             if plan.num_summaries and plan.num_physical < n
         }
         report = CompressionReport(config.policy, n, kept, freed, seconds=0.0,
-                                   layer_entropy=entropies, summaries=summaries)
+                                   prompt_tokens=request.prompt_tokens,
+                                   layer_entropy=entropies, summaries=summaries,
+                                   plan_digest=plan_digest(plans))
         return report, log_bias
 
     def _request_state(self, req_id: str) -> Any:
@@ -270,14 +345,11 @@ class CompressionWorker:
         runner = self._runner() if self._runner is not None else None
         return getattr(runner, "requests", {}).get(req_id) if runner is not None else None
 
-    def _record_stats(self, req_id: str, report: CompressionReport) -> None:
+    def _record_stats(self, report: CompressionReport) -> None:
         """Metrics only: what this compression did, for the connector's stats."""
-        # Before sampling, the runner's request holds exactly the tokens just prefilled.
-        state = self._request_state(req_id)
-        report.prompt_tokens = max(getattr(state, "num_tokens", 0), report.num_tokens)
         self.stats.record_compression(
             report.policy, report.prompt_tokens, report.num_tokens, report.kept_tokens,
-            report.seconds, report.layer_entropy, report.summaries,
+            report.seconds, report.layer_entropy, report.summaries, report.plan_digest,
         )
 
     def take_stats(self) -> EntropyKVStats | None:
@@ -289,6 +361,16 @@ class CompressionWorker:
     def take_reports(self) -> dict[str, CompressionReport]:
         reports, self.reports = self.reports, {}
         return reports
+
+
+def plan_digest(plans: list[LayerPlan]) -> str:
+    """A short fingerprint of every layer's kept indices, to compare plans made by two
+    servers (chunked and whole-prompt prefill) without shipping the indices."""
+    digest = hashlib.sha256()
+    for plan in plans:
+        digest.update(plan.keep.to(torch.int64).numpy().tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()[:16]
 
 
 def _merged_tokens(plan: LayerPlan) -> int:
