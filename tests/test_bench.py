@@ -66,3 +66,64 @@ def test_sections_of_the_page_are_replaced_not_duplicated(tmp_path: Path) -> Non
     write_section(page, "bench", "second")
     text = page.read_text()
     assert "second" in text and "first" not in text and text.count("\nload\n") == 1
+
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def test_vllm_bench_stage_runs_the_issues_workloads_against_the_same_pool() -> None:
+    from vllm_entropy_kv.bench.__main__ import parse_args
+    from vllm_entropy_kv.bench.vllm_client import client_command, sides, workloads
+
+    random, pressure = workloads(parse_args(["--stages", "vllm-bench"]))
+    assert [w.name for w in workloads(parse_args(["--vllm-bench-workloads", "pressure"]))] == [
+        "pressure"]
+    assert random.client_args() == [
+        "--dataset-name", "random", "--random-input-len", "2000", "--random-output-len", "64",
+        "--num-prompts", "16", "--max-concurrency", "8"]
+    assert (pressure.num_prompts, pressure.max_concurrency, pressure.pool_requests) == (32, 32, 8)
+    command = client_command("http://h:1", random, Path("/r/x.json"), 1)
+    assert command[1:3] == ["bench", "serve"] and "--save-result" in command
+    assert command[command.index("--seed") + 1] == "7"
+    # Same bytes and model length: 128-token blocks of all layers against 32-token blocks
+    # of one layer each (30 layers).
+    stock, entropy = (side.serve_flags(pressure.kv_tokens) for side in sides(0.25))
+    assert stock[stock.index("--block-size") + 1] == "128"
+    blocks = [int(f[f.index("--num-gpu-blocks-override") + 1]) for f in (stock, entropy)]
+    assert blocks[0] * 128 * 30 == blocks[1] * 32 == pressure.kv_tokens * 30
+    assert stock[stock.index("--max-model-len") + 1] == entropy[entropy.index(
+        "--max-model-len") + 1]
+    assert entropy[-2:] == ["--kv-budget", "0.25"] and "--kv-budget" not in stock
+    assert stock[stock.index("--max-model-len", -4) + 1] == "4096"
+
+
+def test_vllm_bench_table_reads_the_clients_saved_results() -> None:
+    """Results saved by a real `vllm bench serve` (4 random 500-token prompts, 64 output
+    tokens, --max-concurrency 4) against a stock and an entropy@0.25 server."""
+    from vllm_entropy_kv.bench.vllm_client import ClientRun, Comparison, Workload, \
+        comparison_table
+
+    comparison = Comparison()
+    comparison.runs[("stock", "random")] = ClientRun.load(DATA / "vllm-bench-stock.json", 4, 0)
+    comparison.runs[("entropy@0.25", "random")] = ClientRun.load(
+        DATA / "vllm-bench-entropy.json", 4, 0)
+    text = comparison_table(comparison, [Workload("random", 500, 64, 4, 4, 2560)], 0.25)
+    stock_row, entropy_row = text.splitlines()[2:]
+    assert stock_row.startswith("| stock | random | 4/4 | 42.64 (1.00x) | 2.22 (1.00x) |")
+    # output tok/s 43.65/42.64, mean TTFT 2.65/2.22 s, mean TPOT 50.8/59.9 ms
+    assert "43.65 (1.02x)" in entropy_row and "2.65 (1.20x)" in entropy_row
+    assert "50.8 (0.85x)" in entropy_row and "| 4 (1.00x) | 0 (–) |" in entropy_row
+
+
+def test_stock_server_log_must_show_vllms_scheduling_defaults() -> None:
+    from vllm_entropy_kv.bench.vllm_client import adjustments, scheduling_problems
+
+    stock = "... enable_prefix_caching=True, enable_chunked_prefill=True, pooler_config=None"
+    assert scheduling_problems(stock, stock=True) == []
+    changed = stock + ("\nvllm-entropy-kv: enable_prefix_caching unset (vLLM's default) -> "
+                       "False: compacted blocks no longer hold the tokens their hashes name")
+    assert scheduling_problems(changed, stock=False) == []
+    assert adjustments(changed) == ["enable_prefix_caching unset (vLLM's default) -> False"]
+    assert len(scheduling_problems(changed, stock=True)) == 1
+    off = "non-default args: {'async_scheduling': False}\nenable_chunked_prefill=False"
+    assert len(scheduling_problems(off, stock=False)) == 2

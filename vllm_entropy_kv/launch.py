@@ -45,13 +45,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pool_flags(policy: str | None, kv_tokens: int) -> list[str]:
+def pool_flags(policy: str | None, kv_tokens: int, block_size: int | None = None) -> list[str]:
     """`vllm serve` flags for a KV pool of `kv_tokens` tokens of full KV (every layer), the
     same memory whatever the policy. `VLLM_CPU_KVCACHE_SPACE` counts whole GiB only. Blocks
-    have the size a policy sets; with `none` a block holds them for every layer, with a policy
-    each layer has its own KV cache group and a block holds them for one layer."""
-    # Imported here: the engine package loads vLLM, which `make serve` need not wait for.
-    from vllm_entropy_kv.engine.setup import COMPRESSION_BLOCK_SIZE as block_size
+    have the size a policy sets unless `block_size` is given (e.g. vLLM's own default for a
+    stock server); with `none` a block holds them for every layer, with a policy each layer
+    has its own KV cache group and a block holds them for one layer."""
+    if block_size is None:
+        # Imported here: the engine package loads vLLM, which `make serve` need not wait for.
+        from vllm_entropy_kv.engine.setup import COMPRESSION_BLOCK_SIZE as block_size
 
     blocks = kv_tokens // block_size
     if policy not in (None, "none"):

@@ -8,6 +8,11 @@ all cells, `none` included, run side by side on the same server, scheduling and 
 each is reported as a ratio to `none`. Progress goes to stderr; `--quick` shrinks the grid;
 `--stages` picks stages (the perplexity stage writes its own section of the page).
 
+`--stages vllm-bench` (not in the default list: four servers and four `vllm bench serve` runs,
+about half an hour at the issue's sizes on 2 cores) compares stock vLLM with its defaults
+against `--kv-policy entropy` at the same KV memory through vLLM's own client, in its own
+section (`vllm_entropy_kv.bench.vllm_client`).
+
 Perplexity is scored by teacher forcing (`vllm_entropy_kv.forced_tokens`), not with prompt
 logprobs: those are computed during the prefill, before compression, and would show nothing.
 """
@@ -20,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vllm_entropy_kv.bench import report
+from vllm_entropy_kv.bench import report, vllm_client
 from vllm_entropy_kv.eval.perplexity import Scored
 from vllm_entropy_kv.eval.texts import perplexity_documents
 from vllm_entropy_kv.bench.probes import (
@@ -43,6 +48,7 @@ LOGS = ROOT / "reports" / "bench"
 COMPRESSING = ("entropy", "entropy-merge", "src", "streaming", "snapkv", "pyramid")
 SUMMARISING = ("entropy-merge", "src")  # policies whose summary tokens take the merge bias
 STAGES = ("main", "perplexity", "capacity")
+ALL_STAGES = STAGES + ("vllm-bench",)
 
 
 class Progress:
@@ -81,18 +87,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--perplexity-windows", default="3,2",
                         help="text windows: Shakespeare plays, Britannica")
     parser.add_argument("--stages", default=",".join(STAGES),
-                        help=f"comma-separated, of {', '.join(STAGES)}")
+                        help=f"comma-separated, of {', '.join(ALL_STAGES)} (default: "
+                        f"{', '.join(STAGES)})")
     parser.add_argument("--kv-cache-gib", default="4")
     parser.add_argument("--capacity-kv-tokens", type=int, default=20000,
                         help="KV pool of the capacity server, tokens of full KV")
     parser.add_argument("--quick", action="store_true",
-                        help="entropy and snapkv at 0.25, 1000/3000 tokens, batch 4, 3 depths")
+                        help="entropy and snapkv at 0.25, 1000/3000 tokens, batch 4, 3 depths; "
+                        "vllm-bench: 1000-token prompts, 8 and 16 of them")
     parser.add_argument("--no-docs", action="store_true", help="print only, leave docs/")
+    vllm_client.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.policies, args.budgets, args.lengths = "entropy,snapkv", "0.25", "1000,3000"
         args.batch, args.capacity_requests, args.needle_depths = 4, 12, "0.1,0.5,0.9"
         args.perplexity_windows = "1,1"
+        args.vllm_bench_input_len, args.vllm_bench_prompts = 1000, 8
+        args.vllm_bench_pressure_prompts = args.vllm_bench_pressure_concurrency = 16
     args.policies = [p for p in args.policies.split(",") if p]
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.capacity_budgets = ([float(b) for b in args.capacity_budgets.split(",")]
@@ -101,9 +112,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.needle_depths = [float(d) for d in args.needle_depths.split(",")]
     args.perplexity_windows = [int(n) for n in args.perplexity_windows.split(",")]
     args.stages = [s for s in args.stages.split(",") if s]
-    unknown = sorted(set(args.stages) - set(STAGES))
+    unknown = sorted(set(args.stages) - set(ALL_STAGES))
     if unknown:
-        parser.error(f"--stages: unknown {', '.join(unknown)} (valid: {', '.join(STAGES)})")
+        parser.error(f"--stages: unknown {', '.join(unknown)} (valid: {', '.join(ALL_STAGES)})")
     return args
 
 
@@ -147,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "main": len(sweep) * len(args.lengths) + len(cells) + 2 + len([none] + headline + unbiased),
         "perplexity": len(cells + unbiased),
         "capacity": len(args.capacity_budgets) + 1,
+        "vllm-bench": 4,
     }
     progress = Progress(sum(steps[stage] for stage in args.stages))
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -197,6 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.capacity[cell.label] = concurrent_batch(url, prompts, cell, 32)
             progress.step(f"capacity {cell.label}")
 
+    comparison = vllm_client.Comparison()
+    workloads = vllm_client.workloads(args)
+
+    def vllm_bench_stage(_url: str) -> None:
+        vllm_client.measure(comparison, workloads, args.vllm_bench_budget,
+                            args.vllm_bench_warmups, LOGS, progress.step)
+
     command = "python -m vllm_entropy_kv.bench " + " ".join(
         argv if argv is not None else sys.argv[1:])
     failures: dict[str, str] = {}
@@ -209,18 +228,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections = {
             "bench": ("main", "capacity"),
             "bench-perplexity": ("perplexity",),
+            "bench-vllm": ("vllm-bench",),
         }
         texts = {
-            "bench": render(args, results, cells, sweep, headline + unbiased, header),
-            "bench-perplexity": render_perplexity(args, results, cells + unbiased, documents,
-                                                  header),
+            "bench": lambda: render(args, results, cells, sweep, headline + unbiased, header),
+            "bench-perplexity": lambda: render_perplexity(args, results, cells + unbiased,
+                                                          documents, header),
+            "bench-vllm": lambda: vllm_client.render(
+                comparison, workloads, args.vllm_bench_budget, command.strip(), started,
+                default_dtype(), args.vllm_bench_warmups),
         }
         printed = []
         for section, its_stages in sections.items():
             ran = [stage for stage in its_stages if stage in args.stages]
             if not ran:
                 continue
-            text = texts[section] + "".join(
+            text = texts[section]() + "".join(
                 f"\n\n**Not measured**: the {stage} stage failed: {failures[stage]}"
                 for stage in ran if stage in failures) + "".join(
                 f"\n\n**Not measured yet**: the {stage} stage was still to run when this "
@@ -255,13 +278,18 @@ def main(argv: Sequence[str] | None = None) -> int:
          [("main", main_stage), ("perplexity", perplexity_stage)]),
         ("capacity", args.capacity_url, pool_flags("entropy", args.capacity_kv_tokens), None,
          [("capacity", capacity_stage)]),
+        # Starts its own servers (stock and entropy, one pool per workload).
+        ("vllm-bench", None, None, None, [("vllm-bench", vllm_bench_stage)]),
     ]
     for name, url, flags, kv_gib, stages in servers:
         chosen = [(stage, measure) for stage, measure in stages if stage in args.stages]
         if not chosen:
             continue
         try:
-            with_server(url, name, flags, kv_gib, run_stages(chosen))
+            if flags is None:  # the stage starts its own servers
+                run_stages(chosen)("")
+            else:
+                with_server(url, name, flags, kv_gib, run_stages(chosen))
         except Exception as e:  # noqa: BLE001 - the server failed: its stages are not measured
             for stage, _ in chosen:
                 if stage not in done:

@@ -29,15 +29,21 @@ class Results:
     perplexity: dict[str, Scored] = field(default_factory=dict)
 
 
-def machine_description(dtype: str, block_size: int) -> str:
-    """The served model and dtype, the CPU, its ISA and the KV cache layout vLLM's attention
-    picks there: what every benchmark header names."""
+def attention_layout(dtype: str, block_size: int) -> str:
+    """The KV cache layout vLLM's CPU attention picks for the served model ('?' for a dtype
+    torch does not name)."""
     from vllm_entropy_kv.engine.cache_layout import attention_isa
 
     config = json.loads((assets.prepare_model() / "config.json").read_text())
     head_size = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     torch_dtype = getattr(torch, dtype, None)
-    layout = attention_isa(torch_dtype, block_size, head_size) if torch_dtype else "?"
+    return attention_isa(torch_dtype, block_size, head_size) if torch_dtype else "?"
+
+
+def machine_description(dtype: str, block_size: int) -> str:
+    """The served model and dtype, the CPU, its ISA and the KV cache layout vLLM's attention
+    picks there: what every benchmark header names."""
+    layout = attention_layout(dtype, block_size)
     return (f"model SmolLM2-135M-Instruct ({dtype}, vLLM 0.32.0 CPU, `--enforce-eager`), "
             f"CPU {cpu_info().describe()}, {len(os.sched_getaffinity(0))} cores, "
             f"attention layout '{layout}' ({block_size}-token blocks)")

@@ -1,0 +1,292 @@
+"""`--stages vllm-bench`: stock vLLM against `--kv-policy entropy` through vLLM's own client.
+
+For each workload two servers are started one after the other with the same KV memory, the
+same dtype and the same `--max-model-len`: *stock*, `--kv-policy none` (the plugin changes
+nothing: vLLM's chunked prefill, async scheduling, step budget and block size stay its
+defaults), and *entropy@B*, `--kv-policy entropy --kv-budget B`. `vllm bench serve` (random
+prompts, `--save-result`) drives each; `vllm:num_requests_running` is sampled from /metrics
+while it runs for the peak, and `vllm:num_preemptions_total` is read before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_entropy_kv import assets
+from vllm_entropy_kv.bench import report
+from vllm_entropy_kv.bench.probes import PeakSampler
+from vllm_entropy_kv.launch import VllmServer, free_port, metric, pool_flags, vllm_executable
+
+# vLLM 0.32's CPU block size when none is given (vllm/platforms/cpu.py); the stock server
+# gets it explicitly only so that its pool can be sized in blocks of the same bytes.
+STOCK_BLOCK_SIZE = 128
+SEED = 7
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One `vllm bench serve` random workload and the KV pool (tokens of full KV) it runs in."""
+
+    name: str
+    input_len: int
+    output_len: int
+    num_prompts: int
+    max_concurrency: int
+    kv_tokens: int
+
+    def client_args(self) -> list[str]:
+        return ["--dataset-name", "random", "--random-input-len", str(self.input_len),
+                "--random-output-len", str(self.output_len),
+                "--num-prompts", str(self.num_prompts),
+                "--max-concurrency", str(self.max_concurrency)]
+
+    @property
+    def pool_requests(self) -> float:
+        """Requests of this workload the pool holds uncompressed, in stock's blocks."""
+        return self.kv_tokens / request_tokens(self.input_len, self.output_len)
+
+
+def request_tokens(input_len: int, output_len: int) -> int:
+    """KV tokens one request holds at its end, uncompressed, in stock's whole blocks."""
+    return -(-(input_len + output_len) // STOCK_BLOCK_SIZE) * STOCK_BLOCK_SIZE
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "vllm-bench stage", "stock vLLM against entropy through `vllm bench serve`; pools are "
+        "whole multiples of a request's uncompressed KV, in stock's 128-token blocks (the same "
+        "bytes as entropy's 32-token blocks)")
+    group.add_argument("--vllm-bench-budget", type=float, default=0.25)
+    group.add_argument("--vllm-bench-input-len", type=int, default=2000)
+    group.add_argument("--vllm-bench-output-len", type=int, default=64)
+    group.add_argument("--vllm-bench-prompts", type=int, default=16)
+    group.add_argument("--vllm-bench-concurrency", type=int, default=8)
+    group.add_argument("--vllm-bench-pool-requests", type=int, default=11,
+                       help="the unpressured pool holds this many requests uncompressed")
+    group.add_argument("--vllm-bench-pressure-prompts", type=int, default=32)
+    group.add_argument("--vllm-bench-pressure-concurrency", type=int, default=32)
+    group.add_argument("--vllm-bench-pressure-pool-requests", type=int, default=8,
+                       help="the memory-pressure pool holds this many requests uncompressed")
+    group.add_argument("--vllm-bench-workloads", default="random,pressure",
+                       help="comma-separated, of random, pressure")
+    group.add_argument("--vllm-bench-warmups", type=int, default=1,
+                       help="`vllm bench serve --num-warmups`: one-time costs (first "
+                       "kernels, imports) stay out of the measured run")
+
+
+def workloads(args: argparse.Namespace) -> list[Workload]:
+    per_request = request_tokens(args.vllm_bench_input_len, args.vllm_bench_output_len)
+    chosen = args.vllm_bench_workloads.split(",")
+    return [w for w in [
+        Workload("random", args.vllm_bench_input_len, args.vllm_bench_output_len,
+                 args.vllm_bench_prompts, args.vllm_bench_concurrency,
+                 per_request * args.vllm_bench_pool_requests),
+        Workload("pressure", args.vllm_bench_input_len, args.vllm_bench_output_len,
+                 args.vllm_bench_pressure_prompts, args.vllm_bench_pressure_concurrency,
+                 per_request * args.vllm_bench_pressure_pool_requests),
+    ] if w.name in chosen]
+
+
+@dataclass(frozen=True)
+class Side:
+    """One server of the comparison."""
+
+    label: str
+    policy: str
+    extra_args: tuple[str, ...] = ()
+
+    def serve_flags(self, kv_tokens: int) -> list[str]:
+        block_size = STOCK_BLOCK_SIZE if self.policy == "none" else None
+        # vLLM wants one block more than a request of the model's length in a pool of
+        # 128-token blocks: a small pool gets a model length one stock block shorter.
+        max_model_len = min(4096, kv_tokens - STOCK_BLOCK_SIZE)
+        return pool_flags(self.policy, kv_tokens, block_size) + [
+            "--max-model-len", str(max_model_len), *self.extra_args]
+
+
+def sides(budget: float) -> tuple[Side, Side]:
+    return Side("stock", "none"), Side(f"entropy@{budget:g}", "entropy",
+                                       ("--kv-budget", f"{budget:g}"))
+
+
+@dataclass(frozen=True)
+class ClientRun:
+    """What `vllm bench serve` saved, with what /metrics showed while it ran."""
+
+    result: dict
+    peak_running: int
+    preemptions: int
+
+    @classmethod
+    def load(cls, path: Path, peak_running: int, preemptions: int) -> ClientRun:
+        """The JSON `vllm bench serve --save-result` wrote at `path`."""
+        return cls(json.loads(path.read_text()), peak_running, preemptions)
+
+    def __getitem__(self, key: str) -> float:
+        return float(self.result[key])
+
+
+# Columns of the table: (header, result key, scale to shown unit, decimals).
+COLUMNS = (
+    ("output tok/s", "output_throughput", 1.0, 2),
+    ("mean TTFT s", "mean_ttft_ms", 1e-3, 2),
+    ("p99 TTFT s", "p99_ttft_ms", 1e-3, 2),
+    ("mean TPOT ms", "mean_tpot_ms", 1.0, 1),
+    ("mean ITL ms", "mean_itl_ms", 1.0, 1),
+    ("p99 ITL ms", "p99_itl_ms", 1.0, 1),
+)
+
+
+@dataclass
+class Comparison:
+    """Everything the stage measured: runs by (side label, workload name), log checks."""
+
+    runs: dict[tuple[str, str], ClientRun] = field(default_factory=dict)
+    checks: list[str] = field(default_factory=list)
+
+
+def client_command(url: str, workload: Workload, result_path: Path, warmups: int) -> list[str]:
+    model = str(assets.prepare_model())
+    return [vllm_executable(), "bench", "serve", "--backend", "openai", "--base-url", url,
+            "--model", model, "--served-model-name", assets.SERVED_MODEL_NAME,
+            "--tokenizer", model, *workload.client_args(), "--seed", str(SEED),
+            "--num-warmups", str(warmups), "--disable-tqdm", "--save-result",
+            "--result-dir", str(result_path.parent), "--result-filename", result_path.name]
+
+
+def run_client(url: str, workload: Workload, result_path: Path, warmups: int,
+               log_path: Path) -> ClientRun:
+    """`vllm bench serve` against `url`, its output in `log_path`, its JSON at `result_path`."""
+    preempted = metric(url, "vllm:num_preemptions_total")
+    command = client_command(url, workload, result_path, warmups)
+    result_path.unlink(missing_ok=True)
+    with PeakSampler(url, "vllm:num_requests_running") as running, log_path.open("w") as log:
+        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False,
+                                  env=client_environment())
+    if finished.returncode != 0 or not result_path.exists():
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+        raise RuntimeError(f"vllm bench serve exited with {finished.returncode}:\n{tail}")
+    return ClientRun.load(result_path, int(running.peak),
+                          int(metric(url, "vllm:num_preemptions_total") - preempted))
+
+
+def client_environment() -> dict[str, str]:
+    # No model hub here; the tokenizer is the local model directory.
+    return {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def scheduling_problems(log: str, stock: bool) -> list[str]:
+    """What in a server's log says vLLM's scheduling defaults were not kept: chunked prefill
+    off, async scheduling disabled, or (stock only) any setting the plugin changed."""
+    problems = []
+    if "enable_chunked_prefill=True" not in log:
+        problems.append("chunked prefill is off")
+    if "'async_scheduling': False" in log or any(
+            "Async scheduling" in line and "disabled" in line for line in log.splitlines()):
+        problems.append("async scheduling is off")
+    changed = [line for line in log.splitlines() if "vllm-entropy-kv: " in line]
+    if stock and changed:
+        problems.append(f"the plugin changed settings: {changed}")
+    return problems
+
+
+def adjustments(log: str) -> list[str]:
+    """The settings the plugin logged as changed ("vllm-entropy-kv: NAME OLD -> NEW: why")."""
+    return [line.split("vllm-entropy-kv: ", 1)[1].split(":", 1)[0]
+            for line in log.splitlines() if "vllm-entropy-kv: " in line and " -> " in line]
+
+
+def measure(comparison: Comparison, workloads: Sequence[Workload], budget: float,
+            warmups: int, logs: Path, step: Callable[[str], None]) -> None:
+    """Start each side's server per workload, run the client against it, record the run."""
+    for workload in workloads:
+        for side in sides(budget):
+            name = f"vllm-bench-{side.policy}-{workload.name}"
+            server = VllmServer(logs / f"server-{name}.log", port=free_port(),
+                                policy=side.policy,
+                                extra_args=side.serve_flags(workload.kv_tokens))
+            print(f"[bench] starting {side.label} server: {' '.join(server.command)}",
+                  file=sys.stderr, flush=True)
+            with server:
+                log = server.log_path.read_text(errors="replace")
+                stock = side.policy == "none"
+                problems = scheduling_problems(log, stock)
+                if problems:
+                    raise RuntimeError(f"{side.label} server: {'; '.join(problems)} "
+                                       f"(log: {server.log_path})")
+                if workload is workloads[0]:
+                    comparison.checks.append(
+                        f"{side.label}: chunked prefill and async scheduling on; " + (
+                            "no vllm-entropy-kv WARNING line" if stock else
+                            "the plugin changed " + (", ".join(adjustments(log)) or "nothing")))
+                comparison.runs[(side.label, workload.name)] = run_client(
+                    server.url, workload, logs / f"{name}.json", warmups,
+                    logs / f"client-{name}.log")
+            step(f"vllm bench serve, {side.label}, {workload.name}")
+
+
+def _cell(value: float, reference: float | None, decimals: int) -> str:
+    return f"{value:.{decimals}f} ({report.ratio(value, reference)})"
+
+
+def comparison_table(comparison: Comparison, workloads: Sequence[Workload],
+                     budget: float) -> str:
+    rows = []
+    for workload in workloads:
+        base = comparison.runs.get(("stock", workload.name))
+        for side in sides(budget):
+            run = comparison.runs.get((side.label, workload.name))
+            if run is None:
+                continue
+            rows.append([
+                side.label, workload.name, f"{int(run['completed'])}/{workload.num_prompts}",
+                *[_cell(run[key] * scale, base and base[key] * scale, decimals)
+                  for _, key, scale, decimals in COLUMNS],
+                _cell(run.peak_running, base and base.peak_running, 0),
+                _cell(run.preemptions, base and base.preemptions, 0),
+            ])
+    return report.table(["server", "workload", "completed", *[c[0] for c in COLUMNS],
+                         "peak running", "preemptions"], rows)
+
+
+def render(comparison: Comparison, workloads: Sequence[Workload], budget: float, command: str,
+           started: str, dtype: str, warmups: int) -> str:
+    from vllm_entropy_kv.engine.setup import COMPRESSION_BLOCK_SIZE
+
+    stock_layout = report.attention_layout(dtype, STOCK_BLOCK_SIZE)
+    workload_lines = [
+        f"- **{w.name}**: `vllm bench serve --backend openai --dataset-name random "
+        f"--random-input-len {w.input_len} --random-output-len {w.output_len} --num-prompts "
+        f"{w.num_prompts} --max-concurrency {w.max_concurrency} --seed {SEED} --num-warmups "
+        f"{warmups}` (ignore_eos, vLLM's default for random prompts), KV pool of {w.kv_tokens} "
+        f"tokens of full KV ({w.pool_requests:g} requests uncompressed)"
+        for w in workloads]
+    return "\n".join([
+        "## Stock vLLM against `--kv-policy entropy`, with vLLM's own client",
+        "",
+        f"`{command}`, started {started}; "
+        f"{report.machine_description(dtype, COMPRESSION_BLOCK_SIZE)}; stock runs vLLM's CPU "
+        f"default {STOCK_BLOCK_SIZE}-token blocks (layout '{stock_layout}'). Two servers per "
+        "workload, one after the other, each started by the launcher with the same dtype, "
+        "`--max-model-len` and KV bytes (`--num-gpu-blocks-override`): **stock** "
+        "`--kv-policy none` (vLLM's defaults: chunked prefill, async scheduling, "
+        "`max_num_batched_tokens`, block size) and "
+        f"**entropy@{budget:g}** `--kv-policy entropy --kv-budget {budget:g}` (32-token blocks, "
+        "one KV cache group per layer, prefix caching off). Each cell is the value and, in "
+        "brackets, its ratio to stock on the same workload. Peak running: "
+        "`vllm:num_requests_running` sampled every 0.25 s; preemptions: "
+        "`vllm:num_preemptions_total` over the run.",
+        "",
+        *workload_lines,
+        "",
+        "Server logs: " + "; ".join(comparison.checks) + ".",
+        "",
+        comparison_table(comparison, workloads, budget),
+    ])
