@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "main": len(sweep) * len(args.lengths) + len(cells) + 2 + len([none] + headline + unbiased),
         "perplexity": len(cells + unbiased),
         "capacity": len(args.capacity_budgets) + 1,
-        "vllm-bench": 4,
+        "vllm-bench": 2 * len(vllm_client.workloads(args)),  # stock and entropy each
     }
     progress = Progress(sum(steps[stage] for stage in args.stages))
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
