@@ -82,6 +82,8 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
         biased_rows: dict[int, BiasedRow] = {}
         if virtual_rows:
             cam, biased_rows = self._skip_freed_blocks(cam, virtual_rows, biases, query_start)
+        if worker.checks_blocks:
+            self._note_blocks_read(worker, req_ids, cam, biased_rows)
         metadata = super().build(common_prefix_len, cam, fast_build)
         return EntropyKVAttentionMetadata(
             **{f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)},
@@ -89,6 +91,18 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
             captures=captures,
             biased_rows=biased_rows,
         )
+
+    def _note_blocks_read(self, worker, req_ids: list[str], view: CommonAttentionMetadata,
+                          biased_rows: dict[int, BiasedRow]) -> None:
+        """Hand the worker's ownership check the physical blocks each row reads (the
+        kernel's view; a biased row's own)."""
+        for row, req_id in enumerate(req_ids):
+            if (biased := biased_rows.get(row)) is not None:
+                block_row, num_tokens = biased.block_row, biased.num_tokens
+            else:
+                block_row, num_tokens = view.block_table_tensor[row], int(view.seq_lens[row])
+            used = -(-num_tokens // self.block_size)
+            worker.note_blocks_read(req_id, self.layer_idx, block_row[:used].clone())
 
     def _skip_freed_blocks(
         self,

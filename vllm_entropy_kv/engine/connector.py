@@ -94,7 +94,10 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
         pass
 
     def wait_for_save(self) -> None:
-        compression_worker().compact()
+        worker = compression_worker()
+        if worker.checks_blocks:
+            worker.check_blocks_read()
+        worker.compact()
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         reports = compression_worker().take_reports()

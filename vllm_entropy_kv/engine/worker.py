@@ -24,6 +24,7 @@ question after a long context sits, and it may lie entirely in the partial block
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -45,6 +46,14 @@ from vllm_entropy_kv.policies.stats import compressed_kv
 logger = init_logger(__name__)
 
 BlockRange = tuple[int, int]
+# Set to 1 to check, every step, that no KV block is read by two (request, layer) pairs: a
+# block freed by compaction and handed on while its old owner still read it would be. Costs
+# about a millisecond per step; the tests turn it on.
+CHECK_BLOCKS_ENV = "VLLM_ENTROPY_KV_CHECK_BLOCKS"
+
+
+class BlockOwnershipError(RuntimeError):
+    """Two requests (or layers) read the same KV block in one step."""
 
 
 @dataclass
@@ -59,7 +68,7 @@ class CaptureRequest:
     num_tokens: int  # compressible prefix: whole blocks only
     block_ids: torch.Tensor  # this layer's logical block row for the request
     config: KVPolicyConfig  # the server's settings with the request's own on top
-    prompt_tokens: int  # the prefill's length; its last queries observe (the question)
+    prompt_tokens: int  # the prompt's length; its last queries observe (the question)
 
     @property
     def is_last_chunk(self) -> bool:
@@ -145,11 +154,14 @@ class CompressionWorker:
         self.freed: dict[str, dict[int, BlockRange]] = {}
         self.log_bias: dict[str, dict[int, torch.Tensor]] = {}
         self.pending: dict[str, PendingCompression] = {}
-        # Tokens each request's current prefill computes (set when it starts at position 0).
+        # The prompt length of each request whose prompt is being computed (set when it
+        # starts at position 0, dropped once compressed).
         self.prefill_tokens: dict[str, int] = {}
         self.request_configs: dict[str, KVPolicyConfig] = {}
         self.reports: dict[str, CompressionReport] = {}
         self.stats = EntropyKVStats()
+        self.checks_blocks = os.environ.get(CHECK_BLOCKS_ENV) == "1"
+        self._blocks_read: list[tuple[str, int, torch.Tensor]] = []
 
     def configure(self, config: KVPolicyConfig, block_size: int, num_layers: int) -> None:
         self.config = config
@@ -214,14 +226,14 @@ class CompressionWorker:
         self.forget(req_id)
         self.request_configs.pop(req_id, None)
 
-    def start_prefill(self, req_id: str) -> int:
+    def start_prefill(self, req_id: str) -> None:
         """A request computed from position 0 (new, or recomputed after preemption): any
-        earlier compaction of it is void. Returns the tokens this prefill computes: the
-        prompt, plus the outputs so far after a preemption."""
+        earlier compaction of it is void. Compression covers the prompt, observed by its
+        last queries, also when a recompute after preemption computes the outputs so far
+        too: the request is compressed as it was the first time, its outputs stay whole."""
         self.forget(req_id)
         state = self._request_state(req_id)
-        self.prefill_tokens[req_id] = int(getattr(state, "num_tokens", 0))
-        return self.prefill_tokens[req_id]
+        self.prefill_tokens[req_id] = int(getattr(state, "num_prompt_tokens", 0))
 
     def capture_request(
         self, req_id: str, token_start: int, chunk_start: int, chunk_end: int,
@@ -231,7 +243,7 @@ class CompressionWorker:
         no prompt position that compression needs."""
         prompt_tokens = self.prefill_tokens.get(req_id, 0)
         if chunk_start >= prompt_tokens:
-            return None  # decoding
+            return None  # decoding, or recomputing outputs after preemption
         config = self.request_config(req_id)
         num_tokens = self.compressible_tokens(prompt_tokens, config)
         if not num_tokens:
@@ -268,6 +280,25 @@ class CompressionWorker:
             captured.kv_cache, captured.layer = kv_cache, layer
             captured.kv_cache_dtype = kv_cache_dtype
             pending.complete = True
+
+    def note_blocks_read(self, req_id: str, layer_idx: int, blocks: torch.Tensor) -> None:
+        """The physical blocks one request's row of one layer reads in this step."""
+        self._blocks_read.append((req_id, layer_idx, blocks))
+
+    def check_blocks_read(self) -> None:
+        """At the end of a step: every block noted in it had exactly one reader."""
+        noted, self._blocks_read = self._blocks_read, []
+        if not noted:
+            return
+        blocks = torch.cat([b for _, _, b in noted])
+        ids, counts = torch.unique(blocks, return_counts=True)
+        shared = set(ids[counts > 1].tolist())
+        if shared:
+            readers = [(req, layer) for req, layer, b in noted
+                       if shared & set(b.tolist())]
+            raise BlockOwnershipError(
+                f"vllm-entropy-kv: KV blocks {sorted(shared)[:8]} are read by more than one "
+                f"(request, layer) in one step: {readers[:8]}")
 
     def compact(self) -> None:
         """Plan and compact every request whose prompt's last chunk ran in this forward."""
