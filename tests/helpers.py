@@ -64,3 +64,18 @@ def kept_blocks(prompt_tokens: int, budget: Budget = DEFAULT_BUDGET) -> int:
     floor = min(n, budget.sink_tokens + budget.recent_tokens)
     per_layer = budget.tokens_per_layer(n)
     return max(LAYERS * math.ceil(floor / BLOCK), math.floor(LAYERS * per_layer / BLOCK + 0.5))
+
+
+def own_counter(url: str, name: str) -> float:
+    """A plugin counter of the `entropy` policy on the server's /metrics."""
+    return metric(url, name, 'policy="entropy"')
+
+
+def wait_for_own_counter(url: str, name: str, at_least: float, timeout_s: float = 60) -> float:
+    """Compression stats reach the API server with the engine's step outputs."""
+    deadline = time.monotonic() + timeout_s
+    value = own_counter(url, name)
+    while value < at_least and time.monotonic() < deadline:
+        time.sleep(0.5)
+        value = own_counter(url, name)
+    return value

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from helpers import complete, metric, prompt_of_words
+from helpers import complete, own_counter, prompt_of_words, wait_for_own_counter
 from servers import LOG_DIR, TEST_KV_GIB
 
 from vllm_entropy_kv.launch import VllmServer, free_port
@@ -39,20 +39,6 @@ def compiled_server() -> Iterator[VllmServer]:
     print(f"\ncompiled entropy server healthy after {time.monotonic() - started:.0f} s")
     yield srv
     srv.stop()
-
-
-def own_counter(url: str, name: str) -> float:
-    return metric(url, name, 'policy="entropy"')
-
-
-def wait_for_own_counter(url: str, name: str, at_least: float, timeout_s: float = 60) -> float:
-    """Compression stats reach the API server with the engine's step outputs."""
-    deadline = time.monotonic() + timeout_s
-    value = own_counter(url, name)
-    while value < at_least and time.monotonic() < deadline:
-        time.sleep(0.5)
-        value = own_counter(url, name)
-    return value
 
 
 def test_server_really_runs_compiled(compiled_server) -> None:

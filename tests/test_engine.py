@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,8 +20,10 @@ from helpers import (
     compressed,
     kept_blocks,
     metric,
+    own_counter,
     prompt_of_words,
     wait_for_idle_cache,
+    wait_for_own_counter,
 )
 
 from vllm_entropy_kv.assets import SERVED_MODEL_NAME
@@ -55,20 +56,6 @@ def stock_server() -> Iterator[VllmServer]:
 
 def test_policy_none_is_token_identical_to_stock_vllm(server, stock_server) -> None:
     assert greedy_texts(server.url) == greedy_texts(stock_server.url)
-
-
-def own_counter(url: str, name: str) -> float:
-    return metric(url, name, 'policy="entropy"')
-
-
-def wait_for_own_counter(url: str, name: str, at_least: float, timeout_s: float = 60) -> float:
-    """Compression stats reach the API server with the engine's step outputs."""
-    deadline = time.monotonic() + timeout_s
-    value = own_counter(url, name)
-    while value < at_least and time.monotonic() < deadline:
-        time.sleep(0.5)
-        value = own_counter(url, name)
-    return value
 
 
 def test_keep_all_budget_goes_through_compaction_and_is_token_identical_to_none(
