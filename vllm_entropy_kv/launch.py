@@ -26,9 +26,10 @@ from vllm_entropy_kv.cpu import cpu_info
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-# Inductor compilation costs minutes of start-up on 2 cores and, on this model in bf16,
-# changed greedy answers (vLLM 0.32 CPU); eager mode starts in under a minute. The dtype
-# follows the CPU (`cpu.CpuInfo.fast_dtype`) unless `--dtype` is given.
+# Eager mode only for start-up time: Inductor compilation costs minutes on 2 cores, and
+# compiled mode works with a policy (`--no-enforce-eager` undoes this; tests/test_compiled.py).
+# Compiled and eager bf16 servers may round differently, so compare outputs within one mode.
+# The dtype follows the CPU (`cpu.CpuInfo.fast_dtype`) unless `--dtype` is given.
 CPU_DEFAULT_FLAGS: tuple[str, ...] = (
     "--max-model-len", "8192",
     "--enforce-eager",
