@@ -323,6 +323,11 @@ def render(args, results, cells, sweep, needle_cells, header: str) -> str:
         "",
         report.single_table(results, sweep, args.lengths),
         "",
+        "Peak KV use is sampled over the whole request, prefill included: under chunked "
+        "prefill a prompt holds all its blocks until its last chunk, so for long prompts the "
+        "peak is the prompt's own size with or without compression; the saving shows while "
+        "decoding (the batch and capacity tables).",
+        "",
         f"### Every cell, one request of about {mid} tokens, {args.output_tokens} output tokens",
         "",
         report.single_table(results, cells, [mid]),
@@ -335,17 +340,19 @@ def render(args, results, cells, sweep, needle_cells, header: str) -> str:
         "",
         report.batch_table(results.batch, sweep),
         "",
-        "Mean TPOT counts every gap between a request's tokens, including the whole-prompt "
-        "prefills of the other requests that the engine runs between its decode steps; "
+        "Mean TPOT counts every gap between a request's tokens, including the prefill "
+        "chunks of the other requests that the engine runs in its decode steps; "
         "*TPOT all decoding* is read only while every request of the batch decodes (from "
         "the last first token to the first request's end), where reading the KV cache is "
         "what grows with context.",
         "",
-        f"### Capacity: {args.capacity_requests} requests of {args.capacity_length} tokens at "
-        f"once in a KV pool of {args.capacity_kv_tokens} tokens",
-        "",
-        report.batch_table(results.capacity, [Cell("none")] + entropy_capacity),
-        "",
+        *([
+            f"### Capacity: {args.capacity_requests} requests of {args.capacity_length} "
+            f"tokens at once in a KV pool of {args.capacity_kv_tokens} tokens",
+            "",
+            report.batch_table(results.capacity, [Cell("none")] + entropy_capacity),
+            "",
+        ] if results.capacity else []),
         f"### Needle in a haystack through the server ({args.needle_length} tokens, depths "
         f"{args.needle_depths})",
         "",
