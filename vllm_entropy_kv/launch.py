@@ -96,12 +96,6 @@ def default_dtype() -> str:
     return cpu_info().fast_dtype()[0]
 
 
-def served_dtype(extra_args: Sequence[str] = ()) -> str:
-    """The dtype a server started with `extra_args` runs: `--dtype` if given, else the
-    CPU's fast one."""
-    return flag_value(extra_args, "--dtype") or default_dtype()
-
-
 def serve_command(
     model: str | None = None,
     port: int = DEFAULT_PORT,

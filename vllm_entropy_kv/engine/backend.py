@@ -81,7 +81,8 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
                     biases[row] = bias
         biased_rows: dict[int, BiasedRow] = {}
         if virtual_rows:
-            cam, biased_rows = self._skip_freed_blocks(cam, virtual_rows, biases, query_start)
+            cam, biased_rows = self._physical_view_with_biased_rows(
+                cam, virtual_rows, biases, query_start)
         if worker.checks_blocks:
             self._note_blocks_read(worker, req_ids, cam, biased_rows)
         metadata = super().build(common_prefix_len, cam, fast_build)
@@ -104,7 +105,7 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
             used = -(-num_tokens // self.block_size)
             worker.note_blocks_read(req_id, self.layer_idx, block_row[:used].clone())
 
-    def _skip_freed_blocks(
+    def _physical_view_with_biased_rows(
         self,
         cam: CommonAttentionMetadata,
         rows: dict[int, tuple[int, int]],
@@ -171,7 +172,7 @@ class EntropyKVAttentionImpl(CPUAttentionBackendImpl):
     ) -> None:
         """The rows of requests with summary tokens, with their log(count) bias (the
         kernel has no per-token bias)."""
-        # The worker gives a bias only where this layout can be read (`cache_layout`).
+        # Every unquantised layout reads back; a quantised cache is refused at start-up.
         layout = cache_layout(layer.isa, kv_cache, self.kv_cache_dtype)
         assert layout is not None
         starts = metadata.query_start_loc.tolist()

@@ -250,8 +250,7 @@ class CompressionWorker:
             return None
         request = CaptureRequest(req_id, token_start, chunk_start, chunk_end, num_tokens,
                                  block_ids, config, prompt_tokens)
-        first, last = request.window
-        if chunk_end <= first and not request.is_last_chunk:
+        if chunk_end <= request.window[0] and not request.is_last_chunk:
             return None  # an earlier chunk: none of its queries observe
         return request
 
