@@ -1,0 +1,50 @@
+"""Plans equal the recorded ones (tests/data/planning_golden.pt, see planning_golden.py): the
+same kept indices, layer entropies and summaries, for every registered policy on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from planning_golden import (
+    CASES,
+    GOLDEN,
+    VARIANTS,
+    case_layers,
+    get_policy,
+    plan_record,
+    variant_key,
+)
+
+from vllm_entropy_kv.policies import available_policies
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    return torch.load(GOLDEN, weights_only=False)
+
+
+def test_golden_covers_every_policy(golden) -> None:
+    assert {name for name, _ in VARIANTS} == set(available_policies())
+    assert golden["cases"] == CASES
+
+
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_plans_match_the_recording(golden, index: int) -> None:
+    case = CASES[index]
+    layers, budget = case_layers(index, case)
+    # Summaries are computed in float32 and stored in the input dtype: bf16 rounding of a
+    # float32 difference in the last bit can move a value by one bf16 step.
+    atol = 1e-5 if case["dtype"] == "float32" else 0.0
+    rtol = 1e-5 if case["dtype"] == "float32" else 2**-7
+    for name, params in VARIANTS:
+        key = variant_key(name, params)
+        want = golden["plans"][(index, key)]
+        got = plan_record(get_policy(name, **params).plan(layers, budget), case["n"])
+        assert torch.equal(got["keep_mask"], want["keep_mask"]), f"{key}: kept tokens differ"
+        assert torch.equal(got["num_summaries"], want["num_summaries"]), key
+        torch.testing.assert_close(got["layer_entropy"], want["layer_entropy"], atol=1e-6,
+                                   rtol=1e-6, equal_nan=True, msg=f"{key}: layer entropy")
+        assert torch.equal(got["counts"], want["counts"]), f"{key}: summary counts differ"
+        for part in ("keys", "values"):
+            torch.testing.assert_close(got[part], want[part], atol=atol, rtol=rtol,
+                                       msg=lambda m, k=key, p=part: f"{k}: summary {p}: {m}")
