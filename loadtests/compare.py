@@ -19,7 +19,8 @@ from pathlib import Path
 
 import run as loadtest
 
-from vllm_entropy_kv.bench.report import machine_description, write_section
+from vllm_entropy_kv.bench.report import machine_description
+from vllm_entropy_kv.bench.sections import write_section
 from vllm_entropy_kv.engine.setup import COMPRESSION_BLOCK_SIZE
 from vllm_entropy_kv.launch import default_dtype, pool_flags
 

@@ -12,8 +12,8 @@ from vllm_entropy_kv.bench.report import (
     perplexity_table,
     ratio,
     single_table,
-    write_section,
 )
+from vllm_entropy_kv.bench.sections import write_section
 from vllm_entropy_kv.config import KVPolicyConfig
 from vllm_entropy_kv.eval.perplexity import Scored
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vllm_entropy_kv.bench import report, vllm_client
+from vllm_entropy_kv.bench.sections import write_section
 from vllm_entropy_kv.eval.perplexity import Scored
 from vllm_entropy_kv.eval.texts import perplexity_documents
 from vllm_entropy_kv.bench.probes import (
@@ -253,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if section == "bench":
                     report.plot(results, cells, args.lengths, PLOT)
                     text += f"\n\n![bench]({PLOT.relative_to(DOCS.parent)})"
-                report.write_section(DOCS, section, text)
+                write_section(DOCS, section, text)
         if not args.no_docs:
             print(f"[bench] written to {DOCS}", file=sys.stderr, flush=True)
         return "\n\n".join(printed)

@@ -12,6 +12,7 @@ import torch
 
 from vllm_entropy_kv import assets
 from vllm_entropy_kv.bench.probes import Batch, Cell, Timing
+from vllm_entropy_kv.bench.sections import table
 from vllm_entropy_kv.cpu import cpu_info
 from vllm_entropy_kv.eval.perplexity import Scored
 
@@ -53,12 +54,6 @@ def ratio(value: float | None, reference: float | None) -> str:
     if value is None or not reference:
         return "–"
     return f"{value / reference:.2f}x"
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def single_table(results: Results, cells: Sequence[Cell], lengths: Sequence[int]) -> str:
@@ -154,16 +149,3 @@ def plot(results: Results, cells: Sequence[Cell], lengths: Sequence[int], path: 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def write_section(path: Path, name: str, text: str) -> None:
-    """Put `text` between the `<!-- name:begin/end -->` markers of `path` (appended the first
-    time); the rest of the file stays as it is, so several commands can share one page."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{begin}\n{text}\n{end}"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + section + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(new)
