@@ -57,11 +57,13 @@ def select_tokens(
         ])
         return order[:k].sort().values.to(torch.int64)
     # Forced tokens go in whole; the rest of the budget goes to the best other scores. Scores
-    # are clamped above -inf (NaN = no information = lowest) so topk never picks a forced one.
+    # are clamped above -inf (NaN = no information = lowest) so no forced one is picked.
     low = torch.finfo(torch.float32).min / 2
     priority = torch.nan_to_num(scores.float(), nan=low).clamp_min(low)
     priority = priority.masked_fill(forced, float("-inf"))
-    chosen = torch.topk(priority, k - num_forced, sorted=False).indices
+    # Equal scores (a chunk split by the budget) go to the earlier position, on every device:
+    # topk leaves ties to the implementation.
+    chosen = torch.argsort(priority, descending=True, stable=True)[: k - num_forced]
     keep = torch.cat([forced.nonzero().squeeze(1), chosen])
     return keep.sort().values.to(torch.int64)
 
