@@ -14,7 +14,7 @@ from vllm_entropy_kv.policies.selection import (
     carry_forward,
     chunk_scores,
 )
-from vllm_entropy_kv.policies.stats import GroupReduce, attention_stats, layer_entropies
+from vllm_entropy_kv.policies.stats import GroupReduce, attention_stats_batch
 
 
 @register_policy
@@ -51,15 +51,16 @@ class EntropyPolicy(ScorerPolicy):
     reach: int = 32
     chunk_size: int = 32
 
-    def score(self, obs: LayerObservation, layer_idx: int) -> LayerScores:
-        stats = attention_stats(obs, self.observation_queries, entropy=True)
+    def score(self, layers: list[LayerObservation]) -> LayerScores:
+        stats = attention_stats_batch(layers, self.observation_queries, entropy=True)
         carried = carry_forward(stats.token_scores(self.group_reduce), self.reach)
         return LayerScores(chunk_scores(carried, self.chunk_size), stats)
 
-    def allocate(self, scores: list[LayerScores], budget: Budget, n: int) -> list[int]:
-        entropies = layer_entropies([s.stats for s in scores if s.stats is not None])
+    def allocate(self, scores: LayerScores, budget: Budget, n: int) -> list[int]:
+        assert scores.stats is not None
+        # The budget split runs on the host, in float64, on the L layer entropies.
         return entropy_budgets(
-            entropies,
+            scores.stats.layer_entropies().cpu(),
             budget,
             n,
             exponent=self.exponent,

@@ -12,9 +12,10 @@ from vllm_entropy_kv.policies.entropy import EntropyPolicy
 from vllm_entropy_kv.policies.registry import register_policy
 from vllm_entropy_kv.policies.selection import (
     LayerScores,
-    complement,
     forced_mask,
-    select_tokens,
+    kept_counts,
+    mask_positions,
+    selection_masks,
 )
 
 
@@ -25,33 +26,44 @@ def merge_groups(
     group_ids: torch.Tensor,
     num_groups: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Weighted per-group means of keys and values, per KV head.
+    """Weighted per-group means of keys and values, per KV head, for any leading dimensions
+    (e.g. layers).
 
-    keys, values: [Hkv, t, d]; weights: [Hkv, t] (attention mass, >= 0); group_ids: [t] in
-    [0, num_groups), every group non-empty. Returns (keys, values [Hkv, num_groups, d] in the
-    input dtype, counts [num_groups] int64). With the log(count) bias a merged token then
-    carries the group's mass exactly when the group's keys are equal.
+    keys, values: [..., Hkv, t, d]; weights: [..., Hkv, t] (attention mass, >= 0); group_ids:
+    [..., t] in [0, num_groups). Returns (keys, values [..., Hkv, num_groups, d] in the input
+    dtype, counts [..., num_groups] int64); an empty group's key and value are 0. With the
+    log(count) bias a merged token then carries the group's mass exactly when the group's
+    keys are equal.
     """
     # 1e-30 only guards 0/0: a group nobody attends to averages uniformly.
     w = weights.float().clamp_min(0) + 1e-30
-    num_kv, _, d = keys.shape
-    wsum = torch.zeros(num_kv, num_groups, dtype=torch.float32, device=keys.device)
-    wsum.index_add_(1, group_ids, w)
-    out_k = keys.new_zeros(num_kv, num_groups, d, dtype=torch.float32)
-    out_v = values.new_zeros(num_kv, num_groups, values.shape[2], dtype=torch.float32)
-    out_k.index_add_(1, group_ids, keys.float() * w.unsqueeze(-1))
-    out_v.index_add_(1, group_ids, values.float() * w.unsqueeze(-1))
-    out_k /= wsum.unsqueeze(-1)
-    out_v /= wsum.unsqueeze(-1)
-    counts = torch.bincount(group_ids, minlength=num_groups).to(torch.int64)
+    per_head = group_ids.unsqueeze(-2).expand(w.shape)
+    wsum = w.new_zeros(*w.shape[:-1], num_groups).scatter_add_(-1, per_head, w)
+    rows = per_head.unsqueeze(-1)
+
+    def weighted_sum(x: torch.Tensor) -> torch.Tensor:
+        out = w.new_zeros(*x.shape[:-2], num_groups, x.shape[-1])
+        return out.scatter_add_(-2, rows.expand(x.shape), x.float() * w.unsqueeze(-1))
+
+    out_k = weighted_sum(keys) / wsum.unsqueeze(-1)
+    out_v = weighted_sum(values) / wsum.unsqueeze(-1)
+    counts = torch.zeros(*group_ids.shape[:-1], num_groups, dtype=torch.int64,
+                         device=group_ids.device).scatter_add_(-1, group_ids, torch.ones_like(group_ids))
     return out_k.to(keys.dtype), out_v.to(values.dtype), counts
+
+
+def run_ids(ranks: torch.Tensor, num_groups: int | torch.Tensor,
+            num_tokens: int | torch.Tensor) -> torch.Tensor:
+    """Group ids cutting `num_tokens` tokens (the ranks 0.. of the tokens) into `num_groups`
+    runs of near-equal length; the counts may be tensors that broadcast against `ranks`."""
+    return ranks * num_groups // num_tokens
 
 
 def contiguous_groups(
     num_tokens: int, num_groups: int, device: torch.device | None = None
 ) -> torch.Tensor:
     """[num_tokens] group ids cutting a sequence into num_groups runs of near-equal length."""
-    return torch.arange(num_tokens, device=device) * num_groups // num_tokens
+    return run_ids(torch.arange(num_tokens, device=device), num_groups, num_tokens)
 
 
 def summary_slots(k: int, n: int, fraction: float, budget: Budget) -> int:
@@ -85,22 +97,33 @@ class EntropyMergePolicy(EntropyPolicy):
     name: ClassVar[str] = "entropy-merge"
     summary_fraction: float = 0.1
 
-    def plan_layer(
-        self, obs: LayerObservation, scores: LayerScores, k: int, budget: Budget
-    ) -> LayerPlan:
-        n = obs.num_tokens
-        slots = summary_slots(k, n, self.summary_fraction, budget)
-        keep = select_tokens(scores.tokens, k - slots, budget.sink_tokens, budget.recent_tokens)
-        if slots == 0 or scores.stats is None:
-            return LayerPlan(keep=keep)
-        dropped = complement(keep, n)  # n - k + slots >= slots + 1 tokens: no empty run
-        mass = scores.stats.kv_head_scores(self.group_reduce).index_select(1, dropped)
+    def plan_layers(
+        self, layers: list[LayerObservation], scores: LayerScores, ks: list[int], budget: Budget
+    ) -> list[LayerPlan]:
+        n = scores.tokens.shape[1]
+        slots = [summary_slots(k, n, self.summary_fraction, budget) for k in ks]
+        kept = [k - s for k, s in zip(ks, slots)]
+        masks = selection_masks(scores.tokens, kept, budget.sink_tokens, budget.recent_tokens)
+        plans = [LayerPlan(keep=keep) for keep in mask_positions(masks, kept_counts(kept, n))]
+        merging = [i for i, s in enumerate(slots) if s > 0]
+        if not merging or scores.stats is None:
+            return plans
+        device = scores.tokens.device
+        index = torch.tensor(merging, device=device)
+        dropped = ~masks.index_select(0, index)  # n - k + slots >= slots + 1 tokens: no empty run
+        num_slots = torch.tensor([slots[i] for i in merging], device=device).view(-1, 1)
+        num_dropped = torch.tensor([n - kept[i] for i in merging], device=device).view(-1, 1)
+        runs = run_ids(dropped.cumsum(1) - 1, num_slots, num_dropped)
+        spare = max(slots)  # the group the kept tokens go to, thrown away
         keys, values, counts = merge_groups(
-            obs.keys.index_select(1, dropped),
-            obs.values.index_select(1, dropped),
-            mass,
-            contiguous_groups(dropped.numel(), slots, obs.keys.device),
-            slots,
+            torch.stack([layers[i].keys for i in merging]),
+            torch.stack([layers[i].values for i in merging]),
+            scores.stats.kv_head_scores(self.group_reduce).index_select(0, index),
+            torch.where(dropped, runs, spare),
+            spare + 1,
         )
-        return LayerPlan(keep=keep, summary_keys=keys, summary_values=values,
-                         summary_counts=counts)
+        for j, i in enumerate(merging):
+            plans[i].summary_keys = keys[j, :, : slots[i]]
+            plans[i].summary_values = values[j, :, : slots[i]]
+            plans[i].summary_counts = counts[j, : slots[i]]
+        return plans

@@ -8,7 +8,7 @@ from typing import ClassVar
 from vllm_entropy_kv.policies.base import LayerObservation
 from vllm_entropy_kv.policies.registry import register_policy
 from vllm_entropy_kv.policies.selection import LayerScores, ScorerPolicy
-from vllm_entropy_kv.policies.stats import GroupReduce, attention_stats
+from vllm_entropy_kv.policies.stats import GroupReduce, attention_stats_batch
 
 
 @register_policy
@@ -29,6 +29,6 @@ class H2OPolicy(ScorerPolicy):
     observation_queries: int | None = None
     group_reduce: GroupReduce = "mean"
 
-    def score(self, obs: LayerObservation, layer_idx: int) -> LayerScores:
-        stats = attention_stats(obs, self.observation_queries, entropy=False)
+    def score(self, layers: list[LayerObservation]) -> LayerScores:
+        stats = attention_stats_batch(layers, self.observation_queries, entropy=False)
         return LayerScores(stats.token_scores(self.group_reduce), stats)

@@ -26,5 +26,5 @@ class PyramidPolicy(SnapKVPolicy):
     name: ClassVar[str] = "pyramid"
     beta: float = 20.0
 
-    def allocate(self, scores: list[LayerScores], budget: Budget, n: int) -> list[int]:
-        return pyramid_budgets(budget, n, len(scores), self.beta)
+    def allocate(self, scores: LayerScores, budget: Budget, n: int) -> list[int]:
+        return pyramid_budgets(budget, n, scores.tokens.shape[0], self.beta)

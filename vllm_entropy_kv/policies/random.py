@@ -25,7 +25,10 @@ class RandomPolicy(ScorerPolicy):
     observation_queries: ClassVar[int | None] = 0
     seed: int = 0
 
-    def score(self, obs: LayerObservation, layer_idx: int) -> LayerScores:
-        generator = torch.Generator().manual_seed(self.seed + layer_idx)
-        scores = torch.rand(obs.num_tokens, generator=generator)
-        return LayerScores(scores.to(obs.keys.device))
+    def score(self, layers: list[LayerObservation]) -> LayerScores:
+        # Drawn on the host (one CPU generator per layer), moved in one copy.
+        scores = torch.stack([
+            torch.rand(obs.num_tokens, generator=torch.Generator().manual_seed(self.seed + i))
+            for i, obs in enumerate(layers)
+        ])
+        return LayerScores(scores.to(layers[0].keys.device))

@@ -11,16 +11,16 @@ import torch.nn.functional as F
 from vllm_entropy_kv.policies.base import LayerObservation
 from vllm_entropy_kv.policies.registry import register_policy
 from vllm_entropy_kv.policies.selection import LayerScores, ScorerPolicy
-from vllm_entropy_kv.policies.stats import GroupReduce, aggregate_heads, attention_stats
+from vllm_entropy_kv.policies.stats import GroupReduce, aggregate_heads, attention_stats_batch
 
 
 def pool_scores(head_scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
-    """[H, n] -> [H, n]: 1-D max or average pooling along the sequence (stride 1, same length),
-    so a kept token brings its neighbours and the cache keeps whole phrases (SnapKV)."""
+    """[..., n] -> [..., n]: 1-D max or average pooling along the sequence (stride 1, same
+    length), so a kept token brings its neighbours and the cache keeps whole phrases (SnapKV)."""
     if kernel_size <= 1:
         return head_scores
     n = head_scores.shape[-1]
-    x = head_scores.unsqueeze(0)
+    x = head_scores.reshape(-1, 1, n)
     pad = kernel_size // 2
     if pooling == "max":
         pooled = F.max_pool1d(x, kernel_size, stride=1, padding=pad)
@@ -28,7 +28,7 @@ def pool_scores(head_scores: torch.Tensor, kernel_size: int, pooling: str) -> to
         pooled = F.avg_pool1d(x, kernel_size, stride=1, padding=pad, count_include_pad=False)
     else:
         raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
-    return pooled.squeeze(0)[..., :n]
+    return pooled[..., :n].reshape(head_scores.shape)
 
 
 @register_policy
@@ -51,7 +51,7 @@ class SnapKVPolicy(ScorerPolicy):
     pooling: Literal["avg", "max"] = "avg"
     group_reduce: GroupReduce = "mean"
 
-    def score(self, obs: LayerObservation, layer_idx: int) -> LayerScores:
-        stats = attention_stats(obs, self.observation_queries, entropy=False)
+    def score(self, layers: list[LayerObservation]) -> LayerScores:
+        stats = attention_stats_batch(layers, self.observation_queries, entropy=False)
         pooled = pool_scores(stats.head_scores, self.kernel_size, self.pooling)
         return LayerScores(aggregate_heads(pooled, stats.num_kv_heads, self.group_reduce), stats)

@@ -16,16 +16,16 @@ from vllm_entropy_kv.policies.registry import register_policy
 from vllm_entropy_kv.policies.selection import (
     LayerScores,
     ScorerPolicy,
-    complement,
     forced_mask,
-    select_tokens,
+    kept_counts,
+    mask_positions,
+    selection_masks,
 )
 from vllm_entropy_kv.policies.stats import (
     GroupReduce,
     attention_output,
-    attention_stats,
+    attention_stats_batch,
     last_queries,
-    layer_entropies,
 )
 
 
@@ -33,96 +33,127 @@ from vllm_entropy_kv.policies.stats import (
 
 
 def group_queries(queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """[Hq, m, d] -> [Hkv, G*m, d]: each KV head's reference queries (its GQA group's)."""
-    num_heads, m, d = queries.shape
-    return queries.reshape(num_kv_heads, (num_heads // num_kv_heads) * m, d)
+    """[..., Hq, m, d] -> [..., Hkv, G*m, d]: each KV head's reference queries (its GQA group's)."""
+    *lead, num_heads, m, d = queries.shape
+    return queries.reshape(*lead, num_kv_heads, (num_heads // num_kv_heads) * m, d)
 
 
 def bin_attention(
     ref_queries: torch.Tensor,
     bin_keys: torch.Tensor,
     bin_values: torch.Tensor,
-    scale: float,
+    scale: float | torch.Tensor,
     visible: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attn(Q_ref, K_bin, V_bin): the reference queries' attention restricted to the bin.
 
-    ref_queries: [Hkv, m, d]; bin_keys, bin_values: [Hkv, b, d]; visible: [m, b] causal mask
-    or None. Returns (probs [Hkv, m, b], outputs [Hkv, m, d]), float32; a query that sees no
-    bin token gets zeros.
+    ref_queries: [..., Hkv, m, d]; bin_keys, bin_values: [..., Hkv, b, d]; visible: [m, b]
+    (or broadcasting against [..., Hkv, m, b]) mask or None. Returns (probs [..., Hkv, m, b],
+    outputs [..., Hkv, m, d]), float32; a query that sees no bin token gets zeros.
     """
     outputs, probs = attention_output(ref_queries, bin_keys, bin_values, scale, visible=visible)
     return probs, outputs
 
 
 def reconstruction_operator(ref_queries: torch.Tensor, bin_outputs: torch.Tensor) -> torch.Tensor:
-    """W = pinv(Q_ref) @ Attn(Q_ref, K_bin, V_bin): [Hkv, d, d], the least-squares linear map
+    """W = pinv(Q_ref) @ Attn(Q_ref, K_bin, V_bin): [..., Hkv, d, d], the least-squares linear map
     from a query to the bin's attention output (exact on Q_ref when Q_ref has full row rank,
     or when the outputs are linear in the queries)."""
     return torch.linalg.pinv(ref_queries.float()) @ bin_outputs.float()
 
 
 def low_rank(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank-`rank` truncated SVD of [H, d, d]: (U [H, d, r], S [H, r], Vh [H, r, d])."""
+    """Rank-`rank` truncated SVD of [..., d, d]: (U [..., d, r], S [..., r], Vh [..., r, d])."""
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return u[..., :rank], s[..., :rank], vh[..., :rank, :]
 
 
-def _farthest_point_init(features: torch.Tensor, k: int) -> torch.Tensor:
-    """k deterministic, spread-out starting centres (farthest-point traversal)."""
-    first = (features - features.mean(0)).square().sum(1).argmax()
-    chosen = [int(first)]
-    dist = (features - features[first]).square().sum(1)
+def _gather_rows(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """features [L, b, f], index [L, k] -> [L, k, f]."""
+    return features.gather(1, index.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+
+
+def _farthest_point_init(features: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """[L, k, f]: k deterministic, spread-out starting centres per layer (farthest-point
+    traversal over the valid points)."""
+    count = valid.sum(1).view(-1, 1, 1)
+    mean = (features * valid.unsqueeze(-1)).sum(1, keepdim=True) / count.clamp_min(1)
+    # Padding rows get -1: never the farthest, and min() keeps them there.
+    dist = (features - mean).square().sum(-1).masked_fill(~valid, -1.0)
+    chosen = [dist.argmax(1)]
+    dist = (features - _gather_rows(features, chosen[0].view(-1, 1))).square().sum(-1)
+    dist = dist.masked_fill(~valid, -1.0)
     for _ in range(1, k):
-        nxt = int(dist.argmax())
-        chosen.append(nxt)
-        dist = torch.minimum(dist, (features - features[nxt]).square().sum(1))
-    return features[chosen].clone()
+        chosen.append(dist.argmax(1))
+        nearest = (features - _gather_rows(features, chosen[-1].view(-1, 1))).square().sum(-1)
+        dist = torch.minimum(dist, nearest)
+    return _gather_rows(features, torch.stack(chosen, 1)).clone()
+
+
+def _cluster_sizes(assign: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """[L, k] points per cluster (padding rows counted in a spare cluster k, dropped)."""
+    ids = torch.where(valid, assign, k)
+    return torch.zeros(assign.shape[0], k + 1, dtype=torch.int64, device=assign.device) \
+        .scatter_add_(1, ids, torch.ones_like(ids))[:, :k]
+
+
+def cluster_batch(
+    features: torch.Tensor, valid: torch.Tensor, k: int, iters: int = 10
+) -> torch.Tensor:
+    """[L, b, f] points (rows where valid [L, b] is False are padding) -> [L, b] ids in
+    [0, k), k on padding; every cluster non-empty where a layer has more than k points (a
+    layer of at most k points gets ids 0, 1, ...). Lloyd's k-means from a farthest-point start,
+    so the result is deterministic; every layer runs all `iters` steps (a converged layer
+    stays put), so nothing is read back to decide when to stop."""
+    num_layers, b, f = features.shape
+    centres = _farthest_point_init(features, valid, k)
+    assign = torch.zeros(num_layers, b, dtype=torch.int64, device=features.device)
+    spare = torch.where(valid, 0, k)  # padding goes to the spare cluster k, dropped
+    for _ in range(iters):
+        assign = torch.cdist(features, centres).argmin(-1)
+        ids = torch.maximum(assign, spare).unsqueeze(-1)
+        counts = _cluster_sizes(assign, valid, k).unsqueeze(-1).float()
+        sums = features.new_zeros(num_layers, k + 1, f).scatter_add_(1, ids.expand(-1, -1, f),
+                                                                       features)[:, :k]
+        centres = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
+    # An empty cluster takes the point farthest from its centre among clusters of 2 or more.
+    for _ in range(k):
+        counts = _cluster_sizes(assign, valid, k)
+        empty = counts == 0
+        spread = (features - _gather_rows(centres, assign)).square().sum(-1)
+        spread = spread.masked_fill((counts.gather(1, assign) < 2) | ~valid, -1.0)
+        moved = assign.scatter(1, spread.argmax(1, keepdim=True),
+                               empty.int().argmax(1, keepdim=True))
+        assign = torch.where(empty.any(1, keepdim=True), moved, assign)
+    few = valid.sum(1, keepdim=True) <= k
+    positions = torch.arange(b, device=features.device).expand(num_layers, b)
+    return torch.where(valid, torch.where(few, positions % k, assign), k)
 
 
 def cluster(features: torch.Tensor, k: int, iters: int = 10) -> torch.Tensor:
-    """[b, f] -> [b] ids in [0, k), every cluster non-empty (needs b >= k): Lloyd's k-means
-    from a farthest-point start, so the result is deterministic."""
-    b = features.shape[0]
-    if k >= b:
-        return torch.arange(b, device=features.device) % k
-    centres = _farthest_point_init(features, k)
-    assign = torch.zeros(b, dtype=torch.int64, device=features.device)
-    for _ in range(iters):
-        assign = torch.cdist(features, centres).argmin(1)
-        counts = torch.bincount(assign, minlength=k).unsqueeze(1).float()
-        sums = torch.zeros_like(centres).index_add_(0, assign, features)
-        moved = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
-        if torch.equal(moved, centres):
-            break
-        centres = moved
-    # An empty cluster takes the point farthest from its centre among clusters of 2 or more.
-    for _ in range(k):
-        counts = torch.bincount(assign, minlength=k)
-        empty = (counts == 0).nonzero()
-        if empty.numel() == 0:
-            break
-        spread = (features - centres[assign]).square().sum(1)
-        spread[counts[assign] < 2] = -1.0
-        assign[int(spread.argmax())] = int(empty[0])
-    return assign
+    """[b, f] -> [b] ids in [0, k): `cluster_batch` of one layer."""
+    valid = torch.ones(1, features.shape[0], dtype=torch.bool, device=features.device)
+    return cluster_batch(features.unsqueeze(0), valid, k, iters)[0]
 
 
-def summarize_bin(
+def summarize_bins(
     queries: torch.Tensor,
     bin_keys: torch.Tensor,
     bin_values: torch.Tensor,
-    scale: float,
+    scale: torch.Tensor,
     rank: int,
+    visible: torch.Tensor,
+    sizes: torch.Tensor,
     *,
-    visible: torch.Tensor | None = None,
     value_ridge: float = 1e-3,
     kmeans_iters: int = 10,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compress a recycle bin into `rank` synthetic KV pairs per KV head.
 
-    queries: [Hq, m, d] reference queries (the observation window); bin_keys, bin_values:
-    [Hkv, b, d] with b >= rank; visible: [m, b] causal mask of window query i over bin token j.
+    queries: [L, Hq, m, d] reference queries (the observation window); bin_keys, bin_values:
+    [L, Hkv, b, d], each layer's bin padded to b tokens; scale: [L]; visible: [L, m, b] which
+    bin token each window query sees (causal mask, False on padding); sizes: [L] each layer's
+    bin size, >= rank (padding follows the bin).
 
     1. Reconstruction (the article): O = Attn(Q_ref, K_bin, V_bin), W = pinv(Q_ref) O.
     2. Compression (the article): rank-r SVD W ~ U S V^T; the columns of U are the directions
@@ -138,25 +169,53 @@ def summarize_bin(
        P = softmax(Q K_syn^T + log count), solve min ||P V - O||^2 + lam ||V - V_merge||^2,
        where V_merge is the groups' mass-weighted mean value and lam = value_ridge * tr(P^T P)
        / r keeps ill-conditioned fits near the plain merge.
-    Returns (keys, values [Hkv, r, d] in the input dtype, counts [r] int64).
+    Returns (keys, values [L, Hkv, r, d] in the input dtype, counts [L, r] int64).
     """
+    num_layers, num_kv, b, _ = bin_keys.shape
+    valid = torch.arange(b, device=bin_keys.device) < sizes.view(-1, 1)
+    scale = scale.view(-1, 1, 1, 1)
+    ref = group_queries(queries, num_kv)
+    # Grouped rows repeat the window once per query head of the group.
+    rows_visible = visible.repeat(1, queries.shape[1] // num_kv, 1).unsqueeze(1)
+    probs, outputs = bin_attention(ref, bin_keys, bin_values, scale, rows_visible)
+    u, s, _ = low_rank(reconstruction_operator(ref, outputs), rank)
+    keys_f = bin_keys.float() * valid.view(num_layers, 1, b, 1)
+    centred = keys_f - keys_f.sum(2, keepdim=True) / sizes.view(-1, 1, 1, 1)
+    coords = torch.matmul(centred, u) * s.unsqueeze(-2)  # [L, Hkv, b, r]
+    groups = cluster_batch(coords.transpose(1, 2).flatten(2), valid, rank, kmeans_iters)
+    mass = probs.sum(-2)  # [L, Hkv, b] attention each bin token got from the reference queries
+    keys, merged_values, counts = merge_groups(bin_keys, bin_values, mass, groups, rank + 1)
+    keys, merged_values, counts = keys[:, :, :rank], merged_values[:, :, :rank], counts[:, :rank]
+    values = _fit_values(ref, keys, merged_values, counts, outputs, probs, scale, value_ridge)
+    return keys, values.to(bin_values.dtype), counts
+
+
+def summarize_bin(
+    queries: torch.Tensor,
+    bin_keys: torch.Tensor,
+    bin_values: torch.Tensor,
+    scale: float,
+    rank: int,
+    *,
+    visible: torch.Tensor | None = None,
+    value_ridge: float = 1e-3,
+    kmeans_iters: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`summarize_bins` of one layer: queries [Hq, m, d], bin_keys, bin_values [Hkv, b, d],
+    visible [m, b] or None (every window query sees the whole bin). Returns (keys, values
+    [Hkv, r, d], counts [r])."""
     num_kv, b, _ = bin_keys.shape
     if b < rank:
         raise ValueError(f"a bin of {b} tokens cannot make {rank} synthetic tokens")
-    ref = group_queries(queries, num_kv)
-    rows_visible = None
-    if visible is not None:
-        # Grouped rows repeat the window once per query head of the group.
-        rows_visible = visible.repeat(queries.shape[0] // num_kv, 1)
-    probs, outputs = bin_attention(ref, bin_keys, bin_values, scale, rows_visible)
-    u, s, _ = low_rank(reconstruction_operator(ref, outputs), rank)
-    centred = bin_keys.float() - bin_keys.float().mean(1, keepdim=True)
-    coords = torch.matmul(centred, u) * s.unsqueeze(1)  # [Hkv, b, r]
-    groups = cluster(coords.transpose(0, 1).reshape(b, -1), rank, kmeans_iters)
-    mass = probs.sum(1)  # [Hkv, b] attention each bin token got from the reference queries
-    keys, merged_values, counts = merge_groups(bin_keys, bin_values, mass, groups, rank)
-    values = _fit_values(ref, keys, merged_values, counts, outputs, probs, scale, value_ridge)
-    return keys, values.to(bin_values.dtype), counts
+    if visible is None:
+        visible = torch.ones(queries.shape[1], b, dtype=torch.bool, device=bin_keys.device)
+    keys, values, counts = summarize_bins(
+        queries.unsqueeze(0), bin_keys.unsqueeze(0), bin_values.unsqueeze(0),
+        torch.tensor([scale], dtype=torch.float32, device=bin_keys.device), rank,
+        visible.unsqueeze(0), torch.tensor([b], device=bin_keys.device),
+        value_ridge=value_ridge, kmeans_iters=kmeans_iters,
+    )
+    return keys[0], values[0], counts[0]
 
 
 def _fit_values(
@@ -166,21 +225,22 @@ def _fit_values(
     counts: torch.Tensor,
     outputs: torch.Tensor,
     bin_probs: torch.Tensor,
-    scale: float,
+    scale: torch.Tensor,
     ridge: float,
 ) -> torch.Tensor:
-    """Ridge least squares for the synthetic values (step 4 of `summarize_bin`)."""
-    rank = keys.shape[1]
-    logits = torch.matmul(ref.float() * scale, keys.float().transpose(1, 2)) + counts.float().log()
+    """Ridge least squares for the synthetic values (step 4 of `summarize_bins`), batched over
+    layers and KV heads: ref [L, Hkv, m, d], keys [L, Hkv, r, d], counts [L, r]."""
+    rank = keys.shape[-2]
+    bias = counts.float().log().view(-1, 1, 1, rank)
+    logits = torch.matmul(ref.float() * scale, keys.float().transpose(-1, -2)) + bias
     p = torch.softmax(logits, dim=-1)
     # Rows whose query sees no bin token carry no information about the bin.
     p = p * (bin_probs.sum(-1, keepdim=True) > 0)
-    gram = p.transpose(1, 2) @ p  # [Hkv, r, r]
-    lam = ridge * gram.diagonal(dim1=1, dim2=2).sum(-1) / rank + 1e-12
+    gram = p.transpose(-1, -2) @ p  # [L, Hkv, r, r]
+    lam = (ridge * gram.diagonal(dim1=-2, dim2=-1).sum(-1) / rank + 1e-12)[..., None, None]
     eye = torch.eye(rank, dtype=gram.dtype, device=gram.device)
-    lhs = gram + lam.view(-1, 1, 1) * eye
-    rhs = p.transpose(1, 2) @ outputs + lam.view(-1, 1, 1) * merged_values.float()
-    return torch.linalg.solve(lhs, rhs)
+    rhs = p.transpose(-1, -2) @ outputs + lam * merged_values.float()
+    return torch.linalg.solve(gram + lam * eye, rhs)
 
 
 # ---------------------------------------------------------------- accounting
@@ -284,55 +344,90 @@ class SRCPolicy(ScorerPolicy):
         if not 0 < self.bin_fraction <= 1:
             raise ValueError(f"bin_fraction must be in (0, 1], got {self.bin_fraction}")
 
-    def score(self, obs: LayerObservation, layer_idx: int) -> LayerScores:
-        stats = attention_stats(
-            obs,
+    def score(self, layers: list[LayerObservation]) -> LayerScores:
+        stats = attention_stats_batch(
+            layers,
             self.observation_queries,
             entropy=self.allocation == "entropy",
             token_entropy=True,
         )
         return LayerScores(stats.token_scores(self.group_reduce), stats)
 
-    def allocate(self, scores: list[LayerScores], budget: Budget, n: int) -> list[int]:
+    def allocate(self, scores: LayerScores, budget: Budget, n: int) -> list[int]:
         entropies = None
         if self.allocation == "entropy":
-            entropies = layer_entropies([s.stats for s in scores if s.stats is not None])
-        return layer_budgets(self.allocation, budget, n, len(scores), entropies)
+            assert scores.stats is not None
+            # The budget split runs on the host, in float64, on the L layer entropies.
+            entropies = scores.stats.layer_entropies().cpu()
+        return layer_budgets(self.allocation, budget, n, scores.tokens.shape[0], entropies)
 
-    def plan_layer(
-        self, obs: LayerObservation, scores: LayerScores, k: int, budget: Budget
-    ) -> LayerPlan:
-        n = obs.num_tokens
+    def plan_layers(
+        self, layers: list[LayerObservation], scores: LayerScores, ks: list[int], budget: Budget
+    ) -> list[LayerPlan]:
+        n = scores.tokens.shape[1]
         forced = int(forced_mask(n, budget.sink_tokens, budget.recent_tokens).sum())
-        rank = max(0, min(self.rank, k - forced))
-        keep = select_tokens(scores.tokens, k - rank, budget.sink_tokens, budget.recent_tokens)
-        queries = last_queries(obs, self.observation_queries)
-        if rank == 0 or queries.shape[1] == 0 or scores.stats is None:
-            return LayerPlan(keep=keep)
-        candidates = complement(keep, n)  # n - k + rank >= rank + 1 tokens
-        size = min(candidates.numel(), max(rank, math.ceil(self.bin_fraction * candidates.numel())))
-        entropy = scores.stats.token_entropy
-        assert entropy is not None
-        # Highest entropy first; among equal entropies, the least attended first.
-        by_score = torch.argsort(scores.tokens[candidates], stable=True)
-        by_entropy = torch.argsort(entropy[candidates][by_score], descending=True, stable=True)
-        bin_ids = candidates[by_score[by_entropy[:size]]].sort().values
-        m = queries.shape[1]
-        first = n + obs.query_offset - m
-        positions = torch.arange(first, first + m, device=obs.keys.device)
-        # Usually the whole bin precedes the window (recent >= W): no mask to apply.
-        visible = None
-        if int(bin_ids[-1]) >= first:
-            visible = bin_ids.unsqueeze(0) <= positions.unsqueeze(1)
-        keys, values, counts = summarize_bin(
-            queries,
-            obs.keys.index_select(1, bin_ids),
-            obs.values.index_select(1, bin_ids),
-            obs.scale,
+        m = 0 if scores.stats is None else scores.stats.num_queries
+        # A layer that keeps the whole prompt, or has no reference queries, gets no summaries.
+        ranks = [0 if k >= n or m == 0 else max(0, min(self.rank, k - forced)) for k in ks]
+        kept = [k - r for k, r in zip(ks, ranks)]
+        masks = selection_masks(scores.tokens, kept, budget.sink_tokens, budget.recent_tokens)
+        plans = [LayerPlan(keep=keep) for keep in mask_positions(masks, kept_counts(kept, n))]
+        # Layers whose bins have the same rank and size are summarised together (with uniform
+        # budgets all layers but a block's worth share them). Padding bins to one size would
+        # batch every layer, but it moves the softmax sums by an ulp, enough to flip k-means.
+        sizes = [self._bin_size(n - k, r) for k, r in zip(kept, ranks)]
+        for rank, size in sorted({(r, b) for r, b in zip(ranks, sizes) if r > 0}):
+            chosen = [i for i in range(len(ks)) if (ranks[i], sizes[i]) == (rank, size)]
+            keys, values, counts = self._summarize(layers, scores, masks, chosen, rank, size)
+            for j, i in enumerate(chosen):
+                plans[i].summary_keys, plans[i].summary_values = keys[j], values[j]
+                plans[i].summary_counts = counts[j]
+        return plans
+
+    def _bin_size(self, candidates: int, rank: int) -> int:
+        """How many of a layer's `candidates` non-kept tokens go to its recycle bin."""
+        return min(candidates, max(rank, math.ceil(self.bin_fraction * candidates)))
+
+    def _summarize(
+        self,
+        layers: list[LayerObservation],
+        scores: LayerScores,
+        masks: torch.Tensor,
+        chosen: list[int],
+        rank: int,
+        size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The chosen layers' recycle bins of `size` tokens, summarised (`summarize_bins`)."""
+        stats = scores.stats
+        assert stats is not None and stats.token_entropy is not None
+        n, device = masks.shape[1], masks.device
+        index = torch.tensor(chosen, device=device)
+        candidates = ~masks.index_select(0, index)  # n - k + rank >= rank + 1 tokens per layer
+        # Highest entropy first; among equal entropies, the least attended first. Sorting all
+        # n tokens with the others at -inf keeps the candidates' order of a candidates-only sort.
+        by_score = torch.argsort(scores.tokens.index_select(0, index), dim=1, stable=True)
+        entropy = stats.token_entropy.index_select(0, index).gather(1, by_score)
+        entropy = entropy.masked_fill(~candidates.gather(1, by_score), float("-inf"))
+        by_entropy = torch.argsort(entropy, dim=1, descending=True, stable=True)
+        in_bin = torch.zeros_like(candidates).scatter_(
+            1, by_score.gather(1, by_entropy), (torch.arange(n, device=device) < size).expand_as(candidates))
+        bin_ids = torch.stack(mask_positions(in_bin, [size] * len(chosen)))  # prompt order
+        m = stats.num_queries
+        first = n + layers[0].query_offset - m
+        positions = torch.arange(first, first + m, device=device)
+        visible = bin_ids.unsqueeze(1) <= positions.view(1, -1, 1)
+        picked = [layers[i] for i in chosen]
+        gather = bin_ids.view(len(chosen), 1, -1, 1)
+        keys = torch.stack([o.keys for o in picked])
+        values = torch.stack([o.values for o in picked])
+        return summarize_bins(
+            torch.stack([last_queries(o, self.observation_queries) for o in picked]),
+            keys.gather(2, gather.expand(-1, keys.shape[1], -1, keys.shape[3])),
+            values.gather(2, gather.expand(-1, values.shape[1], -1, values.shape[3])),
+            torch.tensor([o.scale for o in picked], dtype=torch.float32).to(device),
             rank,
-            visible=visible,
+            visible,
+            torch.full((len(chosen),), size, device=device),
             value_ridge=self.value_ridge,
             kmeans_iters=self.kmeans_iters,
         )
-        return LayerPlan(keep=keep, summary_keys=keys, summary_values=values,
-                         summary_counts=counts)

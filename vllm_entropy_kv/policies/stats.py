@@ -1,13 +1,16 @@
 """Attention statistics of a prefill, shared by every policy, the evaluation and the engine.
 
-Everything here works on one layer's `LayerObservation`: `Hq` query heads, `Hkv` KV heads,
-`n` prompt tokens, the last `M` prompt queries (the observation window, or every prompt query
-for H2O). Query head `h` reads KV head `h // (Hq // Hkv)` (GQA). The observed query `i` sits at
-prompt position `n - M + i` and sees keys `<= n - M + i` (causal).
+`attention_stats_batch` measures all layers of a request at once: `L` layers, `Hq` query heads,
+`Hkv` KV heads, `n` prompt tokens, the last `M` prompt queries (the observation window, or
+every prompt query for H2O). Query head `h` reads KV head `h // (Hq // Hkv)` (GQA). The
+observed query `i` sits at prompt position `n - M + i` and sees keys `<= n - M + i` (causal).
+`attention_stats` is the same computation for one layer.
 
-Cost: the scores are computed per KV head and per chunk of queries, against the visible keys
-only, so memory stays at `chunk x n` per head and no `n x n` matrix is ever built. All
-arithmetic is float32 whatever the input dtype.
+Cost: the layers are stacked and their scores computed in batched ops over layers, KV heads
+and a chunk of queries, against the visible keys only, so memory stays at
+`DEFAULT_CHUNK_ELEMENTS` scores and no `n x n` matrix is ever built; on a GPU the number of
+kernel launches does not grow with the number of layers. Nothing here reads a value back to
+the host. All arithmetic is float32 whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from vllm_entropy_kv.policies.base import LayerObservation, LayerPlan
 
 GroupReduce = Literal["mean", "max", "sum"]
 
-# Scores materialised at once per KV head (G heads x chunk queries x visible keys): 4M floats
-# = 16 MB, small enough to stay cache-friendly, large enough to amortise the matmul.
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+# Scores materialised at once (layers x heads x query chunk x visible keys): 16M floats =
+# 64 MB, and again for the probabilities; large enough that a request's layers take a handful
+# of batched steps.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
 def check_observation(obs: LayerObservation) -> None:
@@ -71,14 +75,16 @@ def last_queries(obs: LayerObservation, num_queries: int | None) -> torch.Tensor
 
 @dataclass
 class AttentionStats:
-    """What one layer's observed queries say about its keys.
+    """What the observed queries say about the keys, for L layers (leading dimension) or, from
+    `attention_stats`, for one layer (no leading dimension).
 
-    head_entropy: [Hq] Shannon entropy of each query's attention, divided by log(keys it can
-        see) so it lies in [0, 1], averaged over the observed queries; None when not asked for.
-    head_scores: [Hq, n] attention mass each key received, summed over the observed queries.
+    head_entropy: [L, Hq] Shannon entropy of each query's attention, divided by log(keys it
+        can see) so it lies in [0, 1], averaged over the observed queries; None when not
+        asked for.
+    head_scores: [L, Hq, n] attention mass each key received, summed over the observed queries.
     num_kv_heads: Hkv, for GQA-aware aggregation.
     num_queries: M, the number of observed queries.
-    token_entropy: [n] or None; see `attention_stats(token_entropy=True)`.
+    token_entropy: [L, n] or None; see `attention_stats_batch(token_entropy=True)`.
     """
 
     head_entropy: torch.Tensor | None
@@ -87,68 +93,70 @@ class AttentionStats:
     num_queries: int
     token_entropy: torch.Tensor | None = None
 
-    @property
-    def layer_entropy(self) -> float:
-        """The layer's score in the entropy paper: the mean normalised entropy of its heads."""
+    def layer_entropies(self) -> torch.Tensor:
+        """[L] (or a scalar for one layer): the entropy paper's layer score, the mean normalised
+        entropy of the layer's heads."""
         if self.head_entropy is None:
             raise ValueError("entropy was not computed; call attention_stats(entropy=True)")
-        return float(self.head_entropy.mean())
+        return self.head_entropy.mean(-1)
+
+    @property
+    def layer_entropy(self) -> float:
+        """One layer's score (stats from `attention_stats`)."""
+        return float(self.layer_entropies())
 
     def kv_head_scores(self, group_reduce: GroupReduce = "mean") -> torch.Tensor:
-        """[Hkv, n]: each KV head's key scores, reduced over the query heads of its group."""
+        """[L, Hkv, n]: each KV head's key scores, reduced over the query heads of its group."""
         return reduce_groups(self.head_scores, self.num_kv_heads, group_reduce)
 
     def token_scores(self, group_reduce: GroupReduce = "mean") -> torch.Tensor:
-        """[n]: one score per key for the whole layer (GQA groups, then KV heads)."""
+        """[L, n]: one score per key for each layer (GQA groups, then KV heads)."""
         return aggregate_heads(self.head_scores, self.num_kv_heads, group_reduce)
+
+    def layer(self, index: int) -> AttentionStats:
+        """One layer's statistics, without the leading dimension."""
+        return AttentionStats(
+            head_entropy=None if self.head_entropy is None else self.head_entropy[index],
+            head_scores=self.head_scores[index],
+            num_kv_heads=self.num_kv_heads,
+            num_queries=self.num_queries,
+            token_entropy=None if self.token_entropy is None else self.token_entropy[index],
+        )
 
 
 def reduce_groups(
     head_scores: torch.Tensor, num_kv_heads: int, group_reduce: GroupReduce = "mean"
 ) -> torch.Tensor:
-    """[Hq, n] -> [Hkv, n], reducing the query heads that share a KV head."""
-    num_heads, n = head_scores.shape
-    grouped = head_scores.view(num_kv_heads, num_heads // num_kv_heads, n)
+    """[..., Hq, n] -> [..., Hkv, n], reducing the query heads that share a KV head."""
+    grouped = head_scores.unflatten(-2, (num_kv_heads, -1))
     if group_reduce == "mean":
-        return grouped.mean(1)
+        return grouped.mean(-2)
     if group_reduce == "max":
-        return grouped.amax(1)
+        return grouped.amax(-2)
     if group_reduce == "sum":
-        return grouped.sum(1)
+        return grouped.sum(-2)
     raise ValueError(f"group_reduce must be 'mean', 'max' or 'sum', got {group_reduce!r}")
 
 
 def aggregate_heads(
     head_scores: torch.Tensor, num_kv_heads: int, group_reduce: GroupReduce = "mean"
 ) -> torch.Tensor:
-    """[Hq, n] per-head scores -> [n] layer scores: reduce each GQA group, then average the
-    KV heads, so the layer keeps one token set for all its heads (the entropy paper)."""
-    return reduce_groups(head_scores, num_kv_heads, group_reduce).mean(0)
+    """[..., Hq, n] per-head scores -> [..., n] layer scores: reduce each GQA group, then
+    average the KV heads, so the layer keeps one token set for all its heads (entropy paper)."""
+    return reduce_groups(head_scores, num_kv_heads, group_reduce).mean(-2)
 
 
-def _causal_logits(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    scale: float,
-    start: int,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Scaled logits of queries at positions start.. against the keys they can see.
+def _causal_logits(queries: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
+    """Logits of queries at positions start.. against the keys they can see.
 
-    queries: [G, c, d] (one GQA group); keys: [n, d]; out: optional flat float32 workspace
-    of at least G * c * min(start + c, n) elements. Returns [G, c, min(start + c, n)] float32
-    with -inf where a key lies after the query (only columns start.. can be masked).
+    queries: [..., Hkv, G, c, d] float32, already scaled; keys: [..., Hkv, n, d] float32.
+    Returns [..., Hkv, G, c, min(start + c, n)] with -inf where a key lies after the query
+    (only columns start.. can be masked).
     """
-    g, c, d = queries.shape
-    width = min(start + c, keys.shape[0])
-    q = (queries.float() * scale).reshape(g * c, d)
-    visible = keys[:width].float().T
-    if out is None:
-        logits = torch.mm(q, visible)
-    else:
-        logits = out[: g * c * width].view(g * c, width)
-        torch.mm(q, visible, out=logits)
-    logits = logits.view(g, c, width)
+    g, c = queries.shape[-3:-1]
+    width = min(start + c, keys.shape[-2])
+    logits = torch.matmul(queries.flatten(-3, -2), keys[..., :width, :].transpose(-1, -2))
+    logits = logits.unflatten(-2, (g, c))
     mask = _future_keys(start, c, width, logits.device)
     if mask is not None:
         logits[..., start:].masked_fill_(mask, float("-inf"))
@@ -164,54 +172,66 @@ def _future_keys(start: int, c: int, width: int, device: torch.device) -> torch.
     return keys_after.unsqueeze(0) > torch.arange(c, device=device).unsqueeze(1)
 
 
-def _query_chunk(num_heads_in_group: int, num_queries: int, n: int, max_elements: int) -> int:
-    return max(1, min(num_queries, max_elements // max(1, num_heads_in_group * n)))
+def stacked_queries(layers: Sequence[LayerObservation], num_queries: int | None) -> torch.Tensor:
+    """[L, Hq, M, d] float32: every layer's last `num_queries` queries times its scale.
+
+    Raises ValueError unless the layers agree on heads, head size, observed queries and
+    query_offset (one request's layers do), which batching over layers needs.
+    """
+    queries = [last_queries(obs, num_queries) for obs in layers]
+    first = layers[0]
+    for obs, q in zip(layers, queries):
+        if (q.shape != queries[0].shape or obs.keys.shape != first.keys.shape
+                or obs.query_offset != first.query_offset):
+            raise ValueError("the layers of one request must agree on heads, head size, "
+                             "observed queries and query_offset")
+    scales = torch.tensor([obs.scale for obs in layers], dtype=torch.float32)
+    return torch.stack(queries).float() * scales.to(first.keys.device).view(-1, 1, 1, 1)
 
 
-def attention_stats(
-    obs: LayerObservation,
+def attention_stats_batch(
+    layers: Sequence[LayerObservation],
     num_queries: int | None = 32,
     *,
     entropy: bool = True,
     token_entropy: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> AttentionStats:
-    """Entropy and key scores of the layer's last `num_queries` observed queries.
+    """Entropy and key scores of every layer's last `num_queries` observed queries.
 
     entropy: compute `head_entropy` (score-only policies skip it and save ~10% of the time).
     token_entropy: also compute, per key, the normalised entropy of the attention it receives
         across all (head, query) pairs that can see it: 1 = every query attends to it alike
         (diffuse, "high-entropy" token), 0 = one query alone attends to it. SRC uses it.
     """
-    check_observation(obs)
-    queries = last_queries(obs, num_queries)
-    num_heads, m, _ = queries.shape
-    num_kv, n, _ = obs.keys.shape
+    n = prompt_length(layers)
+    queries = stacked_queries(layers, num_queries)
+    num_layers, num_heads, m, d = queries.shape
+    num_kv = layers[0].keys.shape[0]
     group = num_heads // num_kv
-    first = n + obs.query_offset - m  # prompt position of the first observed query
-    device = obs.keys.device
+    first = n + layers[0].query_offset - m  # prompt position of the first observed query
+    device = layers[0].keys.device
+    queries = queries.view(num_layers, num_kv, group, m, d)
 
-    head_scores = torch.zeros(num_heads, n, dtype=torch.float32, device=device)
-    entropy_sum = torch.zeros(num_heads, dtype=torch.float32, device=device)
+    head_scores = torch.zeros(num_layers, num_heads, n, dtype=torch.float32, device=device)
+    entropy_sum = torch.zeros(num_layers, num_heads, dtype=torch.float32, device=device)
     # sum over (head, query) of p log p per key, for token_entropy.
-    plogp = torch.zeros(n, dtype=torch.float32, device=device) if token_entropy else None
-    chunk = _query_chunk(group, m, n, chunk_elements)
-    # Two workspaces reused by every chunk: fresh multi-MB tensors per chunk cost page faults
-    # comparable to the softmax itself.
-    logits_buf = torch.empty(group * chunk * n, dtype=torch.float32, device=device)
-    probs_buf = torch.empty_like(logits_buf)
+    plogp = torch.zeros(num_layers, n, dtype=torch.float32, device=device) if token_entropy else None
+    # Whole windows of as many layers as fit in chunk_elements, else one layer in query chunks.
+    per_query = num_heads * n
+    chunk = max(1, min(m, chunk_elements // per_query))
+    step = max(1, chunk_elements // (per_query * max(m, 1))) if chunk == m else 1
 
-    for kv in range(num_kv):
-        heads = slice(kv * group, (kv + 1) * group)
-        keys = obs.keys[kv].float()  # converted once per KV head, not per chunk
+    for a in range(0, num_layers, step):
+        b = min(num_layers, a + step)
+        keys = torch.stack([obs.keys for obs in layers[a:b]]).float()
         for lo in range(0, m, chunk):
             hi = min(m, lo + chunk)
             start = first + lo
-            logits = _causal_logits(queries[heads, lo:hi], keys, obs.scale, start, logits_buf)
+            logits = _causal_logits(queries[a:b, :, :, lo:hi], keys, start)
             width = logits.shape[-1]
-            probs = probs_buf[: logits.numel()].view_as(logits)
-            torch.softmax(logits, dim=-1, out=probs)
-            head_scores[heads, :width] += probs.sum(1)
+            probs = torch.softmax(logits, dim=-1)
+            head_scores[a:b, :, :width] += probs.sum(-2).flatten(1, 2)
             if not (entropy or token_entropy):
                 continue
             # log Z = max logit - log(max prob): exact, and saves a second pass of exp.
@@ -227,10 +247,14 @@ def attention_stats(
                 row_entropy = log_z - weighted.sum(-1)
                 visible = torch.arange(start + 1, start + 1 + hi - lo, device=device).clamp(max=n)
                 norm = visible.float().log().clamp_min(1e-12)  # 1 visible key: H = 0
-                entropy_sum[heads] += (row_entropy.clamp_min(0) / norm).sum(-1)
+                entropy_sum[a:b] += (row_entropy.clamp_min(0) / norm).sum(-1).flatten(1, 2)
             if plogp is not None:
-                plogp[:width] += weighted.sum((0, 1))
-                plogp[:width] -= torch.einsum("gcn,gc->n", probs, log_z)
+                # KV head by KV head, as the per-layer code summed: SRC ranks tokens by this
+                # entropy, and one sum over all heads rounded differently enough (~1e-6) to
+                # swap near-equal tokens in and out of a recycle bin.
+                for kv in range(num_kv):
+                    plogp[a:b, :width] += weighted[:, kv].sum((1, 2))
+                    plogp[a:b, :width] -= torch.einsum("lgcn,lgc->ln", probs[:, kv], log_z[:, kv])
 
     stats = AttentionStats(
         head_entropy=entropy_sum / max(m, 1) if entropy else None,
@@ -239,20 +263,34 @@ def attention_stats(
         num_queries=m,
     )
     if plogp is not None:
-        stats.token_entropy = _key_entropy(head_scores.sum(0), plogp, num_heads, m, first)
+        stats.token_entropy = _key_entropy(head_scores.sum(-2), plogp, num_heads, m, first)
     return stats
+
+
+def attention_stats(
+    obs: LayerObservation,
+    num_queries: int | None = 32,
+    *,
+    entropy: bool = True,
+    token_entropy: bool = False,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> AttentionStats:
+    """`attention_stats_batch` of one layer (no leading layer dimension)."""
+    return attention_stats_batch(
+        [obs], num_queries, entropy=entropy, token_entropy=token_entropy,
+        chunk_elements=chunk_elements,
+    ).layer(0)
 
 
 def _key_entropy(
     mass: torch.Tensor, plogp: torch.Tensor, num_heads: int, m: int, first: int
 ) -> torch.Tensor:
-    """Normalised entropy of each key's received attention over (head, query) pairs.
+    """[..., n]: normalised entropy of each key's received attention over (head, query) pairs.
 
     With S = sum_i p_i: H = -sum (p_i / S) log(p_i / S) = log S - sum p_i log p_i / S,
     divided by log(number of pairs that see the key).
     """
-    n = mass.numel()
-    positions = torch.arange(n, device=mass.device)
+    positions = torch.arange(mass.shape[-1], device=mass.device)
     # Key j is seen by every observed query at position >= j.
     seen_by = m - (positions - first).clamp(min=0)
     pairs = (num_heads * seen_by).float()
@@ -277,15 +315,13 @@ def attention_probs(
 
     A reference and test helper: it materialises the whole matrix, so keep m small.
     """
-    num_heads, m, _ = queries.shape
+    num_heads, m, d = queries.shape
     num_kv, n, _ = keys.shape
-    group = num_heads // num_kv
     start = n - m if start is None else start
+    grouped = (queries.float() * scale).view(num_kv, num_heads // num_kv, m, d)
+    probs = torch.softmax(_causal_logits(grouped, keys.float(), start), dim=-1)
     out = torch.zeros(num_heads, m, n, dtype=torch.float32, device=keys.device)
-    for kv in range(num_kv):
-        heads = slice(kv * group, (kv + 1) * group)
-        logits = _causal_logits(queries[heads], keys[kv], scale, start)
-        out[heads, :, : logits.shape[-1]] = torch.softmax(logits, dim=-1)
+    out[..., : probs.shape[-1]] = probs.flatten(0, 1)
     return out
 
 
@@ -293,23 +329,25 @@ def attention_output(
     queries: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    scale: float,
+    scale: float | torch.Tensor,
     log_bias: torch.Tensor | None = None,
     visible: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of queries over keys, GQA-aware; by default every query sees every key
-    (e.g. decode queries).
+    (e.g. decode queries). Leading dimensions (e.g. layers) are batched.
 
-    queries: [Hq, m, d]; keys, values: [Hkv, t, d]; log_bias: [t] added to every score
-    (log(count) for summary tokens, 0 for real ones); visible: [group * m, t] bool, which key
-    each query row of a GQA group sees (a row that sees none gets zeros). Returns
-    (output [Hq, m, d], probs [Hq, m, t]), both float32.
+    queries: [..., Hq, m, d]; keys, values: [..., Hkv, t, d]; scale: a number, or a tensor
+    broadcasting against [..., Hkv, group * m, d]; log_bias: [t] added to every score
+    (log(count) for summary tokens, 0 for real ones); visible: [group * m, t] bool (or
+    broadcasting against [..., Hkv, group * m, t]), which key each query row of a GQA group
+    sees (a row that sees none gets zeros). Returns (output [..., Hq, m, d],
+    probs [..., Hq, m, t]), both float32.
     """
-    num_heads, m, d = queries.shape
-    num_kv = keys.shape[0]
+    *lead, num_heads, m, d = queries.shape
+    num_kv = keys.shape[-3]
     group = num_heads // num_kv
-    q = queries.float().reshape(num_kv, group * m, d) * scale
-    logits = torch.matmul(q, keys.float().transpose(1, 2))
+    q = queries.float().reshape(*lead, num_kv, group * m, d) * scale
+    logits = torch.matmul(q, keys.float().transpose(-1, -2))
     if log_bias is not None:
         logits = logits + log_bias.float()
     if visible is not None:
@@ -318,7 +356,7 @@ def attention_output(
     if visible is not None:
         probs = probs.nan_to_num(0.0)
     out = torch.matmul(probs, values.float())
-    return out.reshape(num_heads, m, -1), probs.reshape(num_heads, m, -1)
+    return out.reshape(*lead, num_heads, m, -1), probs.reshape(*lead, num_heads, m, -1)
 
 
 def compressed_kv(
@@ -352,10 +390,12 @@ __all__ = [
     "attention_output",
     "attention_probs",
     "attention_stats",
+    "attention_stats_batch",
     "check_observation",
     "compressed_kv",
     "last_queries",
     "layer_entropies",
     "prompt_length",
     "reduce_groups",
+    "stacked_queries",
 ]

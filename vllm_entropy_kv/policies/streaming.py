@@ -23,7 +23,8 @@ class StreamingPolicy(ScorerPolicy):
     name: ClassVar[str] = "streaming"
     observation_queries: ClassVar[int | None] = 0
 
-    def score(self, obs: LayerObservation, layer_idx: int) -> LayerScores:
+    def score(self, layers: list[LayerObservation]) -> LayerScores:
         # Later is better: the score is the position itself.
-        positions = torch.arange(obs.num_tokens, dtype=torch.float32, device=obs.keys.device)
-        return LayerScores(positions)
+        n, device = layers[0].num_tokens, layers[0].keys.device
+        positions = torch.arange(n, dtype=torch.float32, device=device)
+        return LayerScores(positions.expand(len(layers), n))
