@@ -25,10 +25,10 @@ from vllm_entropy_kv.policies.base import LayerObservation, LayerPlan
 
 GroupReduce = Literal["mean", "max", "sum"]
 
-# Scores materialised at once (layers x heads x query chunk x visible keys): 16M floats =
-# 64 MB, and again for the probabilities; large enough that a request's layers take a handful
-# of batched steps.
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# Scores materialised at once (layers x heads x query chunk x visible keys): 4M floats =
+# 16 MB, small enough to stay cache-friendly, large enough to amortise the matmul; a request's
+# layers then take a handful of batched steps.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
 def check_observation(obs: LayerObservation) -> None:
@@ -146,16 +146,24 @@ def aggregate_heads(
     return reduce_groups(head_scores, num_kv_heads, group_reduce).mean(-2)
 
 
-def _causal_logits(queries: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
+def _causal_logits(
+    queries: torch.Tensor, keys: torch.Tensor, start: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Logits of queries at positions start.. against the keys they can see.
 
-    queries: [..., Hkv, G, c, d] float32, already scaled; keys: [..., Hkv, n, d] float32.
-    Returns [..., Hkv, G, c, min(start + c, n)] with -inf where a key lies after the query
-    (only columns start.. can be masked).
+    queries: [..., Hkv, G, c, d] float32, already scaled; keys: [..., Hkv, n, d] float32; out:
+    optional flat float32 workspace, large enough. Returns [..., Hkv, G, c, min(start + c, n)]
+    with -inf where a key lies after the query (only columns start.. can be masked).
     """
     g, c = queries.shape[-3:-1]
     width = min(start + c, keys.shape[-2])
-    logits = torch.matmul(queries.flatten(-3, -2), keys[..., :width, :].transpose(-1, -2))
+    q = queries.flatten(-3, -2)
+    visible = keys[..., :width, :].transpose(-1, -2)
+    if out is None:
+        logits = torch.matmul(q, visible)
+    else:
+        logits = out[: q.shape[:-1].numel() * width].view(*q.shape[:-1], width)
+        torch.matmul(q, visible, out=logits)
     logits = logits.unflatten(-2, (g, c))
     mask = _future_keys(start, c, width, logits.device)
     if mask is not None:
@@ -221,6 +229,11 @@ def attention_stats_batch(
     per_query = num_heads * n
     chunk = max(1, min(m, chunk_elements // per_query))
     step = max(1, chunk_elements // (per_query * max(m, 1))) if chunk == m else 1
+    # Two workspaces reused by every step: fresh multi-MB tensors per step cost page faults
+    # comparable to the softmax itself.
+    logits_buf = torch.empty(min(step, num_layers) * chunk * per_query, dtype=torch.float32,
+                             device=device)
+    probs_buf = torch.empty_like(logits_buf)
 
     for a in range(0, num_layers, step):
         b = min(num_layers, a + step)
@@ -228,9 +241,10 @@ def attention_stats_batch(
         for lo in range(0, m, chunk):
             hi = min(m, lo + chunk)
             start = first + lo
-            logits = _causal_logits(queries[a:b, :, :, lo:hi], keys, start)
+            logits = _causal_logits(queries[a:b, :, :, lo:hi], keys, start, logits_buf)
             width = logits.shape[-1]
-            probs = torch.softmax(logits, dim=-1)
+            probs = probs_buf[: logits.numel()].view_as(logits)
+            torch.softmax(logits, dim=-1, out=probs)
             head_scores[a:b, :, :width] += probs.sum(-2).flatten(1, 2)
             if not (entropy or token_entropy):
                 continue
