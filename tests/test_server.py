@@ -19,14 +19,26 @@ def client(server: VllmServer) -> OpenAI:
     return OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=120)
 
 
-def test_greedy_chat_answers_paris(server: VllmServer) -> None:
-    reply = client(server).chat.completions.create(
-        model=SERVED_MODEL_NAME,
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
-        temperature=0,
-        max_tokens=20,
-    )
-    assert "Paris" in reply.choices[0].message.content
+# A 135M model's greedy answer to one question can flip with the attention kernel's rounding:
+# on an Intel Xeon with AMX (2026-12-05) stock vLLM 0.32 at its default bfloat16 answers
+# France with "L'Étoile, la Marseillaise, ..." (its AMX attention kernel; the vec kernel and
+# float32 say Paris), and float32 misses Italy; perplexity on 1,748 tokens of text is the same
+# for all three (25.95, 25.95, 25.92). So the smoke test asks four questions, not one.
+CAPITALS = {"France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Japan": "Tokyo"}
+
+
+def test_greedy_chat_names_capitals(server: VllmServer) -> None:
+    answers = {
+        country: client(server).chat.completions.create(
+            model=SERVED_MODEL_NAME,
+            messages=[{"role": "user", "content": f"What is the capital of {country}?"}],
+            temperature=0,
+            max_tokens=20,
+        ).choices[0].message.content
+        for country in CAPITALS
+    }
+    right = [c for c, answer in answers.items() if CAPITALS[c] in answer]
+    assert len(right) >= 3, answers
 
 
 def test_streamed_completion_arrives_in_chunks_and_ends(server: VllmServer) -> None:
