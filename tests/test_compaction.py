@@ -5,6 +5,7 @@ layout vLLM's CPU attention can choose on x86."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -187,8 +188,16 @@ def test_cache_reads_back_what_the_cache_op_wrote(layout: Layout) -> None:
     block_row = torch.tensor([4, 1, 3], dtype=torch.int32)
     kv_cache = layout.cache(6)
     write(kv_cache, layout, keys, values, block_row, 0)
-    got_keys, got_values = cache_layout(layout.isa, kv_cache, "auto").gather(
-        kv_cache, block_row, n)
+    view = cache_layout(layout.isa, kv_cache, "auto")
+    assert view.strided is not None, "every layout of vLLM 0.32 is a strided view"
+    got_keys, got_values = view.gather(kv_cache, block_row, n)
+    assert torch.equal(got_keys, keys.transpose(0, 1))
+    assert torch.equal(got_values, values.transpose(0, 1))
+    # The element-wise gather, for a layout that is no strided view, reads the same.
+    elementwise = dataclasses.replace(view)
+    elementwise.__dict__["strided"] = None
+    assert elementwise.strided is None
+    got_keys, got_values = elementwise.gather(kv_cache, block_row, n)
     assert torch.equal(got_keys, keys.transpose(0, 1))
     assert torch.equal(got_values, values.transpose(0, 1))
 

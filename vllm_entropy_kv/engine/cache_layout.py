@@ -41,6 +41,18 @@ def request_amx_permission() -> None:
 
 
 @dataclass(frozen=True)
+class StridedTokens:
+    """One half (keys or values) of a block as a strided view of the block's flat storage:
+    sizes and strides of the dims `(t // p, t % p, h, d // q, d % q)` from `offset`. Every
+    layout vLLM 0.32 has is one (`amx` packs pairs of tokens or dims); a strided copy reads
+    it about 2-3x faster than an element-wise gather."""
+
+    offset: int
+    sizes: tuple[int, ...]
+    strides: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class BlockLayout:
     """Where token t, head h, dim d of a block sits in the block's flat storage (the
     `[num_kv_heads, block_size, 2 * head_size]` slab of one block), for keys and values:
@@ -52,20 +64,62 @@ class BlockLayout:
     key_index: torch.Tensor
     value_index: torch.Tensor
 
+    @functools.cached_property
+    def strided(self) -> tuple[StridedTokens, StridedTokens] | None:
+        """Keys and values as strided views, or None if either half is not one."""
+        key = _strided_tokens(self.key_index, self.block_size, self.num_kv_heads,
+                              self.head_size)
+        value = _strided_tokens(self.value_index, self.block_size, self.num_kv_heads,
+                                self.head_size)
+        return None if key is None or value is None else (key, value)
+
     def gather(
         self, kv_cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `num_tokens` keys and values a block-table row points at. Returns two
         `[num_kv_heads, num_tokens, head_size]` tensors in the cache's dtype."""
         num_blocks = -(-num_tokens // self.block_size)
-        blocks = kv_cache.view(kv_cache.shape[0], -1)[block_row[:num_blocks].long()]
+        blocks = kv_cache.view(kv_cache.shape[0], -1).index_select(
+            0, block_row[:num_blocks].long())
         shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_size)
 
-        def tokens(index: torch.Tensor) -> torch.Tensor:
-            per_block = blocks[:, index].view(shape).permute(2, 0, 1, 3)
+        def tokens(index: torch.Tensor, strided: StridedTokens | None) -> torch.Tensor:
+            if strided is None:
+                per_block = blocks[:, index].view(shape).permute(2, 0, 1, 3)
+            else:
+                view = blocks.as_strided((num_blocks, *strided.sizes),
+                                         (blocks.shape[1], *strided.strides), strided.offset)
+                per_block = view.permute(3, 0, 1, 2, 4, 5)
             return per_block.reshape(self.num_kv_heads, -1, self.head_size)[:, :num_tokens]
 
-        return tokens(self.key_index), tokens(self.value_index)
+        key, value = self.strided or (None, None)
+        return tokens(self.key_index, key), tokens(self.value_index, value)
+
+
+def _strided_tokens(
+    index: torch.Tensor, block_size: int, num_kv_heads: int, head_size: int
+) -> StridedTokens | None:
+    """`index` (positions of `(t, h, d)` in a block) as a strided view, with tokens and dims
+    split into packs of up to 16, or None if no such view matches it everywhere."""
+    packs = [1, 2, 4, 8, 16]
+    for p, q in ((p, q) for p in packs for q in packs
+                 if block_size % p == 0 and head_size % q == 0):
+        sizes = (block_size // p, p, num_kv_heads, head_size // q, q)
+        positions = index.view(sizes)
+        offset = int(positions.view(-1)[0])
+        steps = [torch.zeros(5, dtype=torch.long) for _ in range(5)]
+        strides = []
+        for dim, step in enumerate(steps):
+            step[dim] = 1 if sizes[dim] > 1 else 0
+            strides.append(int(positions[tuple(step.tolist())]) - offset)
+        try:
+            expected = torch.as_strided(torch.arange(int(index.max()) + 1), sizes, strides,
+                                        offset)
+        except RuntimeError:  # a negative stride, or a view beyond the block
+            continue
+        if torch.equal(expected, positions):
+            return StridedTokens(offset, sizes, tuple(strides))
+    return None
 
 
 def write_tokens(
