@@ -34,6 +34,11 @@ def complete(url: str, prompt: str, max_tokens: int = 32, **extra) -> dict:
     return response.json()
 
 
+def last_plan(url: str) -> dict:
+    """`GET /v1/kv-policy`'s latest compressed request: its prompt, budgets and plan digest."""
+    return requests.get(f"{url}/v1/kv-policy", timeout=30).json()["last_request"]
+
+
 def wait_for_idle_cache(url: str, timeout_s: float = 60) -> float:
     """Wait until no KV block is in use; return the last usage seen."""
     deadline = time.monotonic() + timeout_s

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import complete, compressed, prompt_of_words, wait_for_idle_cache
+from helpers import complete, compressed, last_plan, prompt_of_words, wait_for_idle_cache
 from servers import start_server
 
 from vllm_entropy_kv.engine.worker import CHECK_BLOCKS_ENV
@@ -50,10 +50,6 @@ def whole_prompt_server() -> Iterator[VllmServer]:
     srv = start_server("whole-entropy", "entropy", ENTROPY)
     yield srv
     srv.stop()
-
-
-def last_plan(url: str) -> dict:
-    return requests.get(f"{url}/v1/kv-policy", timeout=30).json()["last_request"]
 
 
 def test_the_plugin_leaves_vllms_scheduling_alone(chunked_server: VllmServer) -> None:

@@ -118,3 +118,10 @@ def test_a_quantised_kv_cache_is_refused_with_a_policy(model_dir: str) -> None:
     args = EngineArgs(model=model_dir, kv_cache_dtype="fp8")
     with pytest.raises(setup.UnsupportedWithPolicyError, match="--kv-cache-dtype fp8"):
         prepare_engine_args(args, POLICY)
+
+
+def test_pipeline_parallelism_is_refused_with_a_policy(model_dir: str) -> None:
+    args = EngineArgs(model=model_dir, pipeline_parallel_size=2)
+    with pytest.raises(setup.UnsupportedWithPolicyError,
+                       match="--pipeline-parallel-size 2 is not supported"):
+        prepare_engine_args(args, POLICY)

@@ -47,12 +47,34 @@ class EntropyKVConnectorMetadata(KVConnectorMetadata):
     """Scheduler to worker: nothing to say; the worker decides from its own batch."""
 
 
+class RanksDisagreeError(RuntimeError):
+    """Two tensor-parallel ranks compressed a request differently; freeing either rank's
+    block ranges could hand another request blocks the other rank still reads."""
+
+
 @dataclass
 class CompressionReports(KVConnectorWorkerMetadata):
+    """One step's reports from one worker; vLLM's executor folds every rank's together."""
+
     reports: dict[str, CompressionReport] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        """Every TP rank must report the same requests with the same plans (engine/parallel.py
+        makes them so); otherwise the engine stops here, before the scheduler frees a block."""
         assert isinstance(other, CompressionReports)
+        differ = {
+            req_id for req_id in self.reports.keys() | other.reports.keys()
+            if (mine := self.reports.get(req_id)) is None
+            or (theirs := other.reports.get(req_id)) is None
+            or (mine.freed_ranges, mine.plan_digest) != (theirs.freed_ranges, theirs.plan_digest)
+        }
+        if differ:
+            shown = {r: [(x.plan_digest if x else "no report") for x in
+                         (self.reports.get(r), other.reports.get(r))] for r in sorted(differ)}
+            raise RanksDisagreeError(
+                f"vllm-entropy-kv: tensor-parallel ranks compressed requests differently "
+                f"(plan digests per rank: {shown}); no block of them is freed. This is a bug: "
+                "please report it with the server log")
         return CompressionReports({**self.reports, **other.reports})
 
 
@@ -78,9 +100,11 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
             if isinstance(group.kv_cache_spec, LayerFullAttentionSpec)
         }
         self._scheduler_stats = EntropyKVStats()
+        self._tp_size = vllm_config.parallel_config.tensor_parallel_size
         if role == KVConnectorRole.WORKER:
             compression_worker().configure(
-                self.config, vllm_config.cache_config.block_size, len(self.group_of_layer)
+                self.config, vllm_config.cache_config.block_size, len(self.group_of_layer),
+                vllm_config.model_config.get_total_num_kv_heads(),
             )
 
     # Worker side.
@@ -101,7 +125,9 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         reports = compression_worker().take_reports()
-        return CompressionReports(reports) if reports else None
+        # With several ranks every step sends its (maybe empty) reports, so that a rank
+        # that compressed what another did not is seen by `aggregate`.
+        return CompressionReports(reports) if reports or self._tp_size > 1 else None
 
     def get_finished(
         self, finished_req_ids: set[str]

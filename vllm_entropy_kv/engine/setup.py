@@ -43,6 +43,13 @@ def prepare_engine_args(engine_args: Any, config: KVPolicyConfig) -> None:
             f"--kv-policy {config.policy}: --kv-transfer-config is taken by the compression "
             "connector; other KV connectors cannot be combined with it"
         )
+    if engine_args.pipeline_parallel_size > 1:
+        raise UnsupportedWithPolicyError(
+            f"--kv-policy {config.policy}: --pipeline-parallel-size "
+            f"{engine_args.pipeline_parallel_size} is not supported with KV compression: each "
+            "stage holds only its own layers, and compression plans every layer of a request "
+            "in one worker; use --tensor-parallel-size, or --kv-policy none"
+        )
     if is_quantized_kv_cache(engine_args.kv_cache_dtype or "auto"):
         raise UnsupportedWithPolicyError(
             f"--kv-policy {config.policy}: --kv-cache-dtype {engine_args.kv_cache_dtype} is "

@@ -40,6 +40,7 @@ from vllm_entropy_kv.engine.cache_layout import (
     request_amx_permission,
     write_tokens,
 )
+from vllm_entropy_kv.engine.parallel import plan_on_all_heads, tensor_parallel_group
 from vllm_entropy_kv.policies import LayerObservation, LayerPlan
 from vllm_entropy_kv.policies.stats import compressed_kv
 
@@ -150,6 +151,7 @@ class CompressionWorker:
         self.config: KVPolicyConfig | None = None  # the server's defaults
         self.block_size = 0
         self.num_layers = 0
+        self.total_kv_heads = 0
         self._runner: weakref.ref[Any] | None = None
         self.freed: dict[str, dict[int, BlockRange]] = {}
         self.log_bias: dict[str, dict[int, torch.Tensor]] = {}
@@ -163,10 +165,12 @@ class CompressionWorker:
         self.checks_blocks = os.environ.get(CHECK_BLOCKS_ENV) == "1"
         self._blocks_read: list[tuple[str, int, torch.Tensor]] = []
 
-    def configure(self, config: KVPolicyConfig, block_size: int, num_layers: int) -> None:
+    def configure(self, config: KVPolicyConfig, block_size: int, num_layers: int,
+                  total_kv_heads: int = 0) -> None:
         self.config = config
         self.block_size = block_size
         self.num_layers = num_layers
+        self.total_kv_heads = total_kv_heads  # the model's, over all TP ranks
         # Compaction runs vLLM's CPU cache ops in this process (vLLM's worker asks too).
         request_amx_permission()
 
@@ -316,7 +320,8 @@ class CompressionWorker:
             if log_bias:
                 self.log_bias[req_id] = log_bias
             self.reports[req_id] = report
-            self._record_stats(report)
+            if (group := tensor_parallel_group()) is None or group.rank_in_group == 0:
+                self._record_stats(report)  # once per request, not once per TP rank
 
     def _compact_request(
         self, request: PendingCompression
@@ -330,7 +335,12 @@ class CompressionWorker:
         layer_ids = sorted(request.layers)
         captured = [request.layers[i] for i in layer_ids]
         observations = [c.observation(n, request.prompt_tokens) for c in captured]
-        plans = policy.plan(observations, config.budget_for(block))
+        budget = config.budget_for(block)
+        if (group := tensor_parallel_group()) is None:
+            plans = policy.plan(observations, budget)
+        else:
+            plans = plan_on_all_heads(lambda full: policy.plan(full, budget), observations,
+                                      group, self.total_kv_heads)
         kept: dict[int, int] = {}
         freed: dict[int, BlockRange] = {}
         log_bias: dict[int, torch.Tensor] = {}
