@@ -80,7 +80,7 @@ CONCURRENT_WORDS = [1000, 700, 900] * 2
 DECODE = 96  # three blocks per layer: the running requests outgrow the pool's last blocks
 
 
-def test_concurrent_aborted_and_preempted_requests_at_tp3(tp_server: VllmServer) -> None:
+def test_concurrent_and_aborted_requests_at_tp3(tp_server: VllmServer) -> None:
     """Six 1k-token requests at once with four longer ones aborted mid-way, in a pool that
     cannot hold them, then the same six one at a time: outputs differ only where a preemption
     made a difference (tests/test_scheduling.py says why), nothing leaks. This size (4 min
