@@ -34,9 +34,12 @@ def complete(url: str, prompt: str, max_tokens: int = 32, **extra) -> dict:
     return response.json()
 
 
-def last_plan(url: str) -> dict:
-    """`GET /v1/kv-policy`'s latest compressed request: its prompt, budgets and plan digest."""
-    return requests.get(f"{url}/v1/kv-policy", timeout=30).json()["last_request"]
+def plan_of(url: str, prompt: str) -> tuple[int, dict]:
+    """Send `prompt` (4 tokens decoded) and return its token count and the server's plan of
+    it: `GET /v1/kv-policy`'s latest compressed request (prompt, budgets, plan digest)."""
+    reply = complete(url, prompt, max_tokens=4, ignore_eos=True)
+    plan = requests.get(f"{url}/v1/kv-policy", timeout=30).json()["last_request"]
+    return reply["usage"]["prompt_tokens"], plan
 
 
 def wait_for_idle_cache(url: str, timeout_s: float = 60) -> float:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import complete, compressed, last_plan, prompt_of_words, wait_for_idle_cache
+from helpers import complete, compressed, plan_of, prompt_of_words, wait_for_idle_cache
 from servers import start_server
 
 from vllm_entropy_kv.engine.worker import CHECK_BLOCKS_ENV
@@ -81,10 +81,9 @@ def test_a_plan_made_in_chunks_equals_the_plan_made_at_once(
 ) -> None:
     plans = []
     for srv in (chunked_server, whole_prompt_server):
-        reply = complete(srv.url, PLAN_PROMPT, max_tokens=4, ignore_eos=True)
-        tokens = reply["usage"]["prompt_tokens"]
+        tokens, plan = plan_of(srv.url, PLAN_PROMPT)
         assert CHUNK < tokens <= 2048 - 32 and compressed(tokens)
-        plans.append(last_plan(srv.url))
+        plans.append(plan)
     chunked, whole = plans
     print(f"plan of a {chunked['prompt_tokens']}-token prompt: in chunks of {CHUNK} "
           f"{chunked['plan_digest']}, at once {whole['plan_digest']}")

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import complete, compressed, last_plan, prompt_of_words, wait_for_idle_cache
+from helpers import complete, compressed, plan_of, prompt_of_words, wait_for_idle_cache
 from servers import start_server
 
 from vllm_entropy_kv.assets import SERVED_MODEL_NAME
@@ -53,9 +53,9 @@ def test_every_rank_keeps_the_tp1_plan(tp_server: VllmServer, tp1_server: VllmSe
     below), and their plan is the plan of the same prompt at TP=1."""
     plans = []
     for srv in (tp_server, tp1_server):
-        reply = complete(srv.url, PLAN_PROMPT, max_tokens=4, ignore_eos=True)
-        assert compressed(reply["usage"]["prompt_tokens"])
-        plans.append(last_plan(srv.url))
+        tokens, plan = plan_of(srv.url, PLAN_PROMPT)
+        assert compressed(tokens)
+        plans.append(plan)
     tp3, tp1 = plans
     print(f"plan of a {tp1['prompt_tokens']}-token prompt: TP=3 {tp3['plan_digest']}, "
           f"TP=1 {tp1['plan_digest']}")

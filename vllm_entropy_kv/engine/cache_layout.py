@@ -107,11 +107,9 @@ def _strided_tokens(
         sizes = (block_size // p, p, num_kv_heads, head_size // q, q)
         positions = index.view(sizes)
         offset = int(positions.view(-1)[0])
-        steps = [torch.zeros(5, dtype=torch.long) for _ in range(5)]
-        strides = []
-        for dim, step in enumerate(steps):
-            step[dim] = 1 if sizes[dim] > 1 else 0
-            strides.append(int(positions[tuple(step.tolist())]) - offset)
+        # A dim's stride: how far one step along it moves (0 for a dim of size 1).
+        strides = [int(positions[tuple(int(d == dim and size > 1) for d in range(5))]) - offset
+                   for dim, size in enumerate(sizes)]
         try:
             expected = torch.as_strided(torch.arange(int(index.max()) + 1), sizes, strides,
                                         offset)

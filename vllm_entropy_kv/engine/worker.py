@@ -306,6 +306,7 @@ class CompressionWorker:
     def compact(self) -> None:
         """Plan and compact every request whose prompt's last chunk ran in this forward."""
         complete = [req_id for req_id, p in self.pending.items() if p.complete]
+        group = tensor_parallel_group() if complete else None
         for req_id in complete:
             request = self.pending.pop(req_id)
             self.prefill_tokens.pop(req_id, None)
@@ -314,20 +315,21 @@ class CompressionWorker:
                                "compressed", req_id, missing)
                 continue
             started = time.perf_counter()
-            report, log_bias = self._compact_request(request)
+            report, log_bias = self._compact_request(request, group)
             report.seconds = time.perf_counter() - started
             self.freed[req_id] = report.freed_ranges
             if log_bias:
                 self.log_bias[req_id] = log_bias
             self.reports[req_id] = report
-            if (group := tensor_parallel_group()) is None or group.rank_in_group == 0:
+            if group is None or group.rank_in_group == 0:
                 self._record_stats(report)  # once per request, not once per TP rank
 
     def _compact_request(
-        self, request: PendingCompression
+        self, request: PendingCompression, group: Any | None
     ) -> tuple[CompressionReport, dict[int, torch.Tensor]]:
-        """Plan and write one request; returns its report and, per layer with biased summary
-        tokens, the log(count) bias of its first slots (kept in the worker, never sent)."""
+        """Plan and write one request (with its TP group's ranks, if `group`); returns its
+        report and, per layer with biased summary tokens, the log(count) bias of its first
+        slots (kept in the worker, never sent)."""
         config = request.config
         # Built from all of the request's settings (window, reach, ...), cached per value.
         policy = config.make_policy()
@@ -336,7 +338,7 @@ class CompressionWorker:
         captured = [request.layers[i] for i in layer_ids]
         observations = [c.observation(n, request.prompt_tokens) for c in captured]
         budget = config.budget_for(block)
-        if (group := tensor_parallel_group()) is None:
+        if group is None:
             plans = policy.plan(observations, budget)
         else:
             plans = plan_on_all_heads(lambda full: policy.plan(full, budget), observations,
