@@ -10,8 +10,8 @@ from vllm_entropy_kv.launch import VllmServer, free_port
 
 LOG_DIR = Path(__file__).resolve().parent.parent / "reports" / "test-logs"
 MAX_MODEL_LEN = 8192
-# The settings every policy changes (block size, no prefix caching), given to `none` and
-# stock servers too so that outputs compare token for token.
+# The setting every policy changes (the block size), given to `none` and stock servers too
+# so that outputs compare token for token.
 SAME_SCHEDULING = comparison_flags()
 TEST_KV_GIB = "1"
 

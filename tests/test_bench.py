@@ -120,10 +120,10 @@ def test_stock_server_log_must_show_vllms_scheduling_defaults() -> None:
 
     stock = "... enable_prefix_caching=True, enable_chunked_prefill=True, pooler_config=None"
     assert scheduling_problems(stock, stock=True) == []
-    changed = stock + ("\nvllm-entropy-kv: enable_prefix_caching unset (vLLM's default) -> "
-                       "False: compacted blocks no longer hold the tokens their hashes name")
+    changed = stock + ("\nvllm-entropy-kv: block_size unset (vLLM's default) -> 32: a layer "
+                       "frees whole blocks")
     assert scheduling_problems(changed, stock=False) == []
-    assert adjustments(changed) == ["enable_prefix_caching unset (vLLM's default) -> False"]
+    assert adjustments(changed) == ["block_size unset (vLLM's default) -> 32"]
     assert len(scheduling_problems(changed, stock=True)) == 1
     off = "non-default args: {'async_scheduling': False}\nenable_chunked_prefill=False"
     assert len(scheduling_problems(off, stock=False)) == 2

@@ -141,9 +141,14 @@ def test_compacted_cache_reads_as_kept_tokens_plus_tail(policy: str, layout: Lay
     worker.capture(request, 0, layer, queries, kv_cache, layout.scale, "auto")
     worker.compact()
     report = worker.take_reports()["req-0"]
-    first, last = report.freed_ranges[0]
     kept = report.kept_tokens[0]
-    assert kept == first * block and last == prompt // block and kept < prompt
+    assert kept % block == 0 and kept < prompt and report.num_tokens == prompt
+    # The scheduler's part: fresh blocks for the kept tokens (engine/block_table.py).
+    fresh = [1, 4, 6, 8, 10, 13, 15][: kept // block]
+    worker.write_kept("req-0", {0: fresh})
+    # The prompt's own blocks still hold what their prefix-cache hashes name.
+    cache_view = cache_layout(layout.isa, kv_cache, "auto")
+    assert torch.equal(cache_view.gather(kv_cache, block_row, n)[0], keys.transpose(0, 1))
 
     # What the policy kept, recomputed: the same plan from the same observation.
     observation = LayerObservation(
@@ -157,7 +162,7 @@ def test_compacted_cache_reads_as_kept_tokens_plus_tail(policy: str, layout: Lay
     visible_keys = torch.cat([slot_keys, keys[prompt:].transpose(0, 1)], dim=1)
     visible_values = torch.cat([slot_values, values[prompt:].transpose(0, 1)], dim=1)
 
-    virtual_row = torch.cat([block_row[:first], block_row[last:]])
+    virtual_row = torch.cat([torch.tensor(fresh, dtype=torch.int32), block_row[prompt // block:]])
     query = layout.randn(1, HQ)
     # The stock kernel reads the kept tokens, the summaries (unbiased) and the tail.
     got = kernel_attention(kv_cache, layout, query, virtual_row, kept + tail)
@@ -169,7 +174,6 @@ def test_compacted_cache_reads_as_kept_tokens_plus_tail(policy: str, layout: Lay
     # Summaries: the backend's biased path gives them log(count), read from the same cache.
     bias = worker.log_bias["req-0"][0]
     torch.testing.assert_close(bias, slot_bias)
-    cache_view = cache_layout(layout.isa, kv_cache, "auto")
     biased = biased_decode_attention(query, kv_cache, cache_view, virtual_row, kept + tail, bias,
                                      layout.scale)
     want_biased = reference_attention(

@@ -52,17 +52,20 @@ def whole_prompt_server() -> Iterator[VllmServer]:
     srv.stop()
 
 
-def test_the_plugin_leaves_vllms_scheduling_alone(chunked_server: VllmServer) -> None:
+def test_the_plugin_leaves_vllms_scheduling_and_prefix_caching_alone(
+    chunked_server: VllmServer,
+) -> None:
     log = chunked_server.log_path.read_text(errors="replace")
-    assert "enable_chunked_prefill=True" in log
+    assert "enable_chunked_prefill=True" in log and "enable_prefix_caching=True" in log
     changed = [line for line in log.splitlines() if line.startswith("vllm-entropy-kv: ")]
     assert changed and not [line for line in changed if any(
-        name in line for name in ("chunked", "async", "max_num_batched_tokens"))], changed
+        name in line for name in ("chunked", "async", "max_num_batched_tokens", "prefix"))
+    ], changed
 
 
 def test_keep_all_in_chunks_is_token_identical_to_none(chunked_server: VllmServer) -> None:
     """Budget 1.0 through the real compaction path (keys read back from the cache after the
-    last chunk, rewritten in place) decodes what the uncompressed cache decodes."""
+    last chunk, copied into fresh blocks) decodes what the uncompressed cache decodes."""
     url = chunked_server.url
     before = metric(url, MetricName.REQUESTS)
     prompts = [prompt_of_words(40), prompt_of_words(800, 3000), PLAN_PROMPT]

@@ -22,7 +22,7 @@ from vllm_entropy_kv.engine.setup import (
 
 POLICY = KVPolicyConfig(policy="entropy")
 # Every setting `prepare_engine_args` may change, as its log line names it.
-ADJUSTED = ("enable_prefix_caching", "block_size", RESERVED_CPU_ENV)
+ADJUSTED = ("block_size", RESERVED_CPU_ENV)
 # vLLM's scheduling settings, which compression leaves as they are.
 SCHEDULING = {"enable_chunked_prefill": True, "async_scheduling": True,
               "max_num_batched_tokens": 64}
@@ -70,15 +70,15 @@ def test_every_changed_setting_is_logged_once_with_old_new_and_reason(
     assert sorted(warnings) == sorted(ADJUSTED)
     assert all(len(lines) == 1 for lines in warnings.values()), warnings
     expected = {
-        "enable_prefix_caching": "True -> False: ",
         "block_size": f"unset (vLLM's default) -> {COMPRESSION_BLOCK_SIZE}: ",
         RESERVED_CPU_ENV: "unset (vLLM's default) -> 1: ",
     }
     for setting, change in expected.items():
         assert f"vllm-entropy-kv: {setting} {change}" in warnings[setting][0]
-    assert args.enable_prefix_caching is False
     assert args.block_size == COMPRESSION_BLOCK_SIZE
-    # Chunked prefill, async scheduling and the step's token budget stay the user's.
+    # Prefix caching, chunked prefill, async scheduling and the step's token budget stay the
+    # user's.
+    assert args.enable_prefix_caching is True
     assert {name: getattr(args, name) for name in SCHEDULING} == SCHEDULING
 
 
@@ -88,9 +88,9 @@ def test_vllm_defaults_that_change_are_logged_as_unset(
     with caplog.at_level(logging.WARNING, logger=setup.logger.name):
         prepare_engine_args(EngineArgs(model=model_dir), POLICY)
     warnings = adjustment_warnings(caplog)
-    assert "enable_prefix_caching unset (vLLM's default) -> False" in \
-        warnings["enable_prefix_caching"][0]
-    assert not set(warnings) & set(SCHEDULING)
+    assert f"block_size unset (vLLM's default) -> {COMPRESSION_BLOCK_SIZE}" in \
+        warnings["block_size"][0]
+    assert not set(warnings) & {*SCHEDULING, "enable_prefix_caching"}
 
 
 def test_settings_already_right_are_not_logged(

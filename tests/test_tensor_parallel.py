@@ -90,7 +90,7 @@ def test_concurrent_and_aborted_requests_at_tp3(tp_server: VllmServer) -> None:
     prompts = [prompt_of_words(w, 700 * i) for i, w in enumerate(CONCURRENT_WORDS)]
 
     def run(prompt: str) -> str:
-        # Every other request keeps all of its prompt (compacted in place, nothing freed),
+        # Every other request keeps all of its prompt (copied to fresh blocks, none freed),
         # so that they outgrow the pool while they decode.
         budget = 1.0 if prompts.index(prompt) % 2 else 0.25
         return complete(url, prompt, max_tokens=DECODE, ignore_eos=True,

@@ -53,6 +53,8 @@ class MetricName:
     TOKENS_MERGED = PREFIX + "tokens_merged_total"
     FREED_BLOCKS = PREFIX + "freed_blocks_total"
     FREED_BYTES = PREFIX + "freed_bytes_total"
+    CACHED_BLOCKS_RELEASED = PREFIX + "cached_blocks_released_total"
+    PREFIX_HIT_TOKENS = PREFIX + "prefix_hit_tokens_total"
     COMPRESSION_RATIO = PREFIX + "compression_ratio"
     LAYER_BUDGET = PREFIX + "layer_budget_ratio"
     ENTROPY = PREFIX + "prefill_attention_entropy_ratio"
@@ -63,7 +65,7 @@ class MetricName:
 # Stats payload keys, one dict per policy: {policy: {key: value}}.
 COUNTER_KEYS: tuple[str, ...] = (
     "requests", "prompt_tokens", "tokens_kept", "tokens_evicted", "tokens_merged",
-    "freed_blocks", "freed_bytes",
+    "freed_blocks", "freed_bytes", "cached_blocks_released", "prefix_hit_tokens",
 )
 COUNTER_METRICS: dict[str, str] = {
     "requests": MetricName.REQUESTS,
@@ -73,6 +75,8 @@ COUNTER_METRICS: dict[str, str] = {
     "tokens_merged": MetricName.TOKENS_MERGED,
     "freed_blocks": MetricName.FREED_BLOCKS,
     "freed_bytes": MetricName.FREED_BYTES,
+    "cached_blocks_released": MetricName.CACHED_BLOCKS_RELEASED,
+    "prefix_hit_tokens": MetricName.PREFIX_HIT_TOKENS,
 }
 RATIO = "compression_ratio"  # gauge: latest request
 LAYER_BUDGET = "layer_budget"  # {layer: ratio}, gauge: latest request
@@ -156,11 +160,17 @@ class EntropyKVStats(KVConnectorStats):
         for layer, value in (layer_entropy or {}).items():
             entropies.setdefault(str(layer), []).append(float(value))
 
-    def record_freed(self, policy: str, blocks: int, num_bytes: int) -> None:
-        """Blocks the scheduler returned to the pool, and the KV bytes they held."""
+    def record_freed(self, policy: str, blocks: int, num_bytes: int,
+                     cached_blocks_released: int = 0, prefix_hit_tokens: int = 0) -> None:
+        """What the scheduler did for one compacted request: blocks it returned to the pool
+        net of the kept blocks it gave (vLLM counts cached blocks as free), their KV bytes,
+        how many of the released prompt blocks stay in the prefix cache for reuse, and how
+        many prompt tokens the request had found in the prefix cache."""
         entry = self._policy(policy)
-        entry["freed_blocks"] = entry.get("freed_blocks", 0) + blocks
-        entry["freed_bytes"] = entry.get("freed_bytes", 0) + num_bytes
+        for key, value in (("freed_blocks", blocks), ("freed_bytes", num_bytes),
+                           ("cached_blocks_released", cached_blocks_released),
+                           ("prefix_hit_tokens", prefix_hit_tokens)):
+            entry[key] = entry.get(key, 0) + value
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         if other is None or other.is_empty():
@@ -270,6 +280,11 @@ class EntropyKVPromMetrics(KVConnectorPromMetrics):
                 ("freed_bytes", "KV cache bytes returned to vLLM's pool by compression "
                                 "(freed blocks x block size x K/V bytes per token per "
                                 "layer)."),
+                ("cached_blocks_released", "Prompt blocks a compressed request released "
+                                           "that stay in vLLM's prefix cache (free, "
+                                           "evictable, reused by a later hit)."),
+                ("prefix_hit_tokens", "Prompt tokens of compressed requests found in "
+                                      "vLLM's prefix cache."),
             )
         }
         self._ratio = self._gauge_cls(

@@ -279,7 +279,7 @@ def render(comparison: Comparison, workloads: Sequence[Workload], budget: float,
         "`--kv-policy none` (vLLM's defaults: chunked prefill, async scheduling, "
         "`max_num_batched_tokens`, block size) and "
         f"**entropy@{budget:g}** `--kv-policy entropy --kv-budget {budget:g}` (32-token blocks, "
-        "one KV cache group per layer, prefix caching off). Each cell is the value and, in "
+        "one KV cache group per layer; prefix caching on since 2026-12-05). Each cell is the value and, in "
         "brackets, its ratio to stock on the same workload. Peak running: "
         "`vllm:num_requests_running` sampled every 0.25 s; preemptions: "
         "`vllm:num_preemptions_total` over the run.",

@@ -21,7 +21,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from vllm_entropy_kv.engine.cache_layout import cache_layout
 from vllm_entropy_kv.engine.summaries import biased_decode_attention
-from vllm_entropy_kv.engine.worker import CaptureRequest, compression_worker
+from vllm_entropy_kv.engine.worker import CaptureRequest, CompactedLayer, compression_worker
 
 
 @dataclass(frozen=True)
@@ -62,29 +62,24 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
         query_start = cam.query_start_loc_cpu[: num_reqs + 1].tolist()
         seq_lens = cam.seq_lens[:num_reqs].tolist()
         captures: list[CaptureRequest] = []
-        virtual_rows: dict[int, tuple[int, int]] = {}
+        compacted_rows: dict[int, CompactedLayer] = {}
         biases: dict[int, torch.Tensor] = {}
         for row, req_id in enumerate(req_ids):
             chunk_start = seq_lens[row] - (query_start[row + 1] - query_start[row])
-            if chunk_start == 0:
-                worker.start_prefill(req_id)
             request = worker.capture_request(req_id, query_start[row], chunk_start,
                                              seq_lens[row], cam.block_table_tensor[row])
             if request is not None:
                 captures.append(request)
-            elif (freed := worker.freed.get(req_id, {}).get(self.layer_idx)) is not None:
-                bias = worker.log_bias.get(req_id, {}).get(self.layer_idx)
-                if freed[0] == freed[1] and bias is None:
-                    continue  # a keep-all plan freed nothing: the runner's row is exact
-                virtual_rows[row] = freed
-                if bias is not None:
+            elif (compacted := worker.compacted.get(req_id, {}).get(self.layer_idx)) is not None:
+                compacted_rows[row] = compacted
+                if (bias := worker.log_bias.get(req_id, {}).get(self.layer_idx)) is not None:
                     biases[row] = bias
         biased_rows: dict[int, BiasedRow] = {}
-        if virtual_rows:
+        if compacted_rows:
             cam, biased_rows = self._physical_view_with_biased_rows(
-                cam, virtual_rows, biases, query_start)
+                cam, compacted_rows, biases, query_start)
         if worker.checks_blocks:
-            self._note_blocks_read(worker, req_ids, cam, biased_rows)
+            self._note_blocks_read(worker, req_ids, cam, biased_rows, compacted_rows)
         metadata = super().build(common_prefix_len, cam, fast_build)
         return EntropyKVAttentionMetadata(
             **{f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)},
@@ -94,38 +89,46 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
         )
 
     def _note_blocks_read(self, worker, req_ids: list[str], view: CommonAttentionMetadata,
-                          biased_rows: dict[int, BiasedRow]) -> None:
+                          biased_rows: dict[int, BiasedRow],
+                          compacted_rows: dict[int, CompactedLayer]) -> None:
         """Hand the worker's ownership check the physical blocks each row reads (the
-        kernel's view; a biased row's own)."""
+        kernel's view; a biased row's own) and their logical block positions, -1 for kept
+        blocks, which belong to their request alone."""
         for row, req_id in enumerate(req_ids):
             if (biased := biased_rows.get(row)) is not None:
                 block_row, num_tokens = biased.block_row, biased.num_tokens
             else:
                 block_row, num_tokens = view.block_table_tensor[row], int(view.seq_lens[row])
             used = -(-num_tokens // self.block_size)
-            worker.note_blocks_read(req_id, self.layer_idx, block_row[:used].clone())
+            positions = torch.arange(used)
+            if (compacted := compacted_rows.get(row)) is not None:
+                kept = compacted.kept_block_ids.numel()
+                positions = torch.where(positions < kept, -1,
+                                        positions - kept + compacted.num_blocks)
+            worker.note_blocks_read(req_id, self.layer_idx, block_row[:used].clone(), positions)
 
     def _physical_view_with_biased_rows(
         self,
         cam: CommonAttentionMetadata,
-        rows: dict[int, tuple[int, int]],
+        rows: dict[int, CompactedLayer],
         biases: dict[int, torch.Tensor],
         query_start: list[int],
     ) -> tuple[CommonAttentionMetadata, dict[int, BiasedRow]]:
-        """Physical view for the kernel: each listed row drops its freed logical blocks
-        (kept tokens sit in the blocks before them, the tail after them) and its sequence
-        length shrinks by as many tokens. Rows with a bias are computed by the backend from
-        that view, so the kernel sees only their queries (a throwaway result, not a second
-        pass over the cache). The runner's own tensors are not modified."""
+        """Physical view for the kernel: in each listed row the kept blocks replace the
+        compressed prompt's blocks, the tail follows them, and the sequence length shrinks by
+        the tokens dropped. Rows with a bias are computed by the backend from that view, so
+        the kernel sees only their queries (a throwaway result, not a second pass over the
+        cache). The runner's own tensors are not modified."""
         block_table = cam.block_table_tensor.clone()
         seq_lens = cam.seq_lens.clone()
         biased_rows: dict[int, BiasedRow] = {}
-        for row, (first, last) in rows.items():
-            gap = last - first
-            tail = block_table[row, last:].clone()
-            block_table[row, first : first + tail.numel()] = tail
-            block_table[row, first + tail.numel() :] = 0
-            seq_lens[row] -= gap * self.block_size
+        for row, compacted in rows.items():
+            kept = compacted.kept_block_ids.numel()
+            tail = block_table[row, compacted.num_blocks :].clone()
+            block_table[row, :kept] = compacted.kept_block_ids
+            block_table[row, kept : kept + tail.numel()] = tail
+            block_table[row, kept + tail.numel() :] = 0
+            seq_lens[row] -= (compacted.num_blocks - kept) * self.block_size
             if (bias := biases.get(row)) is not None:
                 biased_rows[row] = BiasedRow(bias, block_table[row].clone(), int(seq_lens[row]))
                 seq_lens[row] = query_start[row + 1] - query_start[row]

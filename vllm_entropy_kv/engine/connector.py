@@ -1,9 +1,14 @@
-"""The KV connector: vLLM's in-tree channel from the worker (which sees attention) to the
-scheduler (which owns blocks). It transfers nothing; it carries compression reports.
+"""The KV connector: vLLM's in-tree channel between the worker (which sees attention) and
+the scheduler (which owns blocks). It transfers no KV; it carries compression plans.
 
-Worker side: `wait_for_save` (end of each forward) compacts the requests captured in that
-forward; `build_connector_worker_meta` ships the reports. Scheduler side:
-`update_connector_output` frees each layer's reported block range through its manager.
+Worker side: `wait_for_save` (end of each forward) plans the requests whose prefill ended in
+that forward; `build_connector_worker_meta` ships the reports. Scheduler side:
+`update_connector_output` gives each reported request fresh blocks for its kept tokens in
+place of its prompt blocks, which it releases (`engine/block_table.py`); the next
+`build_connector_meta` sends the fresh block ids, and the worker writes the kept tokens into
+them in `handle_preemptions`, vLLM's hook before a step's inputs are prepared. The same
+metadata tells the worker which requests start a prefill (a prefix-cache hit starts one past
+position 0).
 """
 
 from __future__ import annotations
@@ -20,9 +25,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 
-from vllm_entropy_kv.config import KVPolicyConfig
+from vllm_entropy_kv.config import KVPolicyConfig, KVPolicyConfigError
+from vllm_entropy_kv.engine.block_table import holds, limit_prefix_hits, swap_in_kept_blocks
 from vllm_entropy_kv.engine.spec import LayerFullAttentionSpec
-from vllm_entropy_kv.engine.worker import CompressionReport, compression_worker
+from vllm_entropy_kv.engine.worker import (
+    CompressionReport,
+    compressible_tokens,
+    compression_worker,
+    window_start,
+)
 from vllm_entropy_kv.metrics import EntropyKVPromMetrics, EntropyKVStats, build_stats
 
 if TYPE_CHECKING:
@@ -43,8 +54,16 @@ logger = logging.getLogger(__name__)
 CONNECTOR_NAME = "EntropyKVConnector"
 
 
+@dataclass
 class EntropyKVConnectorMetadata(KVConnectorMetadata):
-    """Scheduler to worker: nothing to say; the worker decides from its own batch."""
+    """Scheduler to worker, once per step, before the step's inputs are prepared."""
+
+    # Requests whose prefill starts in this step (new or resumed): their prompt lengths.
+    started: dict[str, int] = field(default_factory=dict)
+    # Per compacted request and layer, the fresh blocks its kept tokens go to.
+    kept_blocks: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    # Planned requests left uncompressed (gone, or no room for their kept blocks).
+    dropped: set[str] = field(default_factory=set)
 
 
 class RanksDisagreeError(RuntimeError):
@@ -66,7 +85,7 @@ class CompressionReports(KVConnectorWorkerMetadata):
             req_id for req_id in self.reports.keys() | other.reports.keys()
             if (mine := self.reports.get(req_id)) is None
             or (theirs := other.reports.get(req_id)) is None
-            or (mine.freed_ranges, mine.plan_digest) != (theirs.freed_ranges, theirs.plan_digest)
+            or (mine.kept_tokens, mine.plan_digest) != (theirs.kept_tokens, theirs.plan_digest)
         }
         if differ:
             shown = {r: [(x.plan_digest if x else "no report") for x in
@@ -93,14 +112,20 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
             for group_id, group in enumerate(groups)
             if isinstance(group.kv_cache_spec, LayerFullAttentionSpec)
         }
-        # Metrics: KV bytes one freed block of a layer held (block size x K/V bytes per token).
-        self.block_bytes_of_layer = {
-            group.kv_cache_spec.layer_idx: group.kv_cache_spec.page_size_bytes
-            for group in groups
-            if isinstance(group.kv_cache_spec, LayerFullAttentionSpec)
-        }
+        self.layer_of_group = {g: layer for layer, g in self.group_of_layer.items()}
+        # Metrics: KV bytes one block held (block size x K/V bytes per token); the layers'
+        # specs differ only in their index.
+        self.block_bytes = groups[0].kv_cache_spec.page_size_bytes if groups else 0
+        self.block_size = vllm_config.cache_config.block_size
         self._scheduler_stats = EntropyKVStats()
         self._tp_size = vllm_config.parallel_config.tensor_parallel_size
+        # Scheduler side: requests by id, their settings, their prefix-cache hits, and the
+        # fresh blocks to announce in the next step's metadata.
+        self._requests: dict[str, Request] = {}
+        self._request_configs: dict[str, KVPolicyConfig] = {}
+        self._prefix_hit_tokens: dict[str, int] = {}
+        self._kept_blocks: dict[str, dict[int, list[int]]] = {}
+        self._dropped: set[str] = set()
         if role == KVConnectorRole.WORKER:
             compression_worker().configure(
                 self.config, vllm_config.cache_config.block_size, len(self.group_of_layer),
@@ -108,6 +133,18 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
             )
 
     # Worker side.
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """Called first in each step, before its inputs are prepared (metadata builders
+        included), on every rank."""
+        assert isinstance(kv_connector_metadata, EntropyKVConnectorMetadata)
+        worker = compression_worker()
+        for req_id, prompt_tokens in kv_connector_metadata.started.items():
+            worker.start_prefill(req_id, prompt_tokens)
+        for req_id in kv_connector_metadata.dropped:
+            worker.drop_plan(req_id)
+        for req_id, block_ids in kv_connector_metadata.kept_blocks.items():
+            worker.write_kept(req_id, block_ids)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         pass
 
@@ -146,31 +183,84 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
     def update_state_after_alloc(self, request: Request, blocks, num_external_tokens: int):
         pass
 
+    def bind_kv_cache_manager(self, kv_cache_manager) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        limit_prefix_hits(kv_cache_manager, self._allowed_prefix_hit)
+
+    def _request_config(self, request: Request) -> KVPolicyConfig:
+        """The server's settings with the request's own on top (the API server refused
+        invalid ones; the worker falls back the same way)."""
+        if (known := self._request_configs.get(request.request_id)) is None:
+            params = request.sampling_params
+            try:
+                known = self.config.for_request(getattr(params, "extra_args", None))
+            except KVPolicyConfigError:
+                known = self.config
+            self._request_configs[request.request_id] = known
+        return known
+
+    def _allowed_prefix_hit(self, request: Request, num_hit_tokens: int) -> int:
+        """A request that will be compressed recomputes at least its observation window:
+        its prefix-cache hit stops at the block holding the window's first position."""
+        config = self._request_config(request)
+        prompt_tokens = request.num_prompt_tokens
+        if not compressible_tokens(prompt_tokens, config, self.block_size):
+            return num_hit_tokens
+        cap = window_start(prompt_tokens, config) // self.block_size * self.block_size
+        allowed = min(num_hit_tokens, cap)
+        self._prefix_hit_tokens[request.request_id] = allowed
+        return allowed
+
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
-        return EntropyKVConnectorMetadata()
+        started = [new.req_id for new in scheduler_output.scheduled_new_reqs]
+        started += scheduler_output.scheduled_cached_reqs.resumed_req_ids
+        meta = EntropyKVConnectorMetadata(
+            started={req_id: self._requests[req_id].num_prompt_tokens for req_id in started
+                     if req_id in self._requests},
+            dropped=self._dropped,
+        )
+        managers = self._managers()
+        for req_id, kept in self._kept_blocks.items():
+            # Preempted or finished since its blocks were swapped: they may be another's now.
+            if all(holds(managers[self.group_of_layer[layer]], req_id, ids)
+                   for layer, ids in kept.items()):
+                meta.kept_blocks[req_id] = kept
+            else:
+                meta.dropped.add(req_id)
+        self._kept_blocks, self._dropped = {}, set()
+        return meta
 
     def on_new_request(self, request: Request) -> None:
-        pass
+        self._requests[request.request_id] = request
+
+    def _managers(self) -> list[Any]:
+        assert self._kv_cache_manager is not None
+        return self._kv_cache_manager.coordinator.single_type_managers
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta
         if not isinstance(meta, CompressionReports) or self._kv_cache_manager is None:
             return
-        managers = self._kv_cache_manager.coordinator.single_type_managers
+        managers = self._managers()
         pool = self._kv_cache_manager.block_pool
         for req_id, report in meta.reports.items():
-            for layer_idx, (first, last) in report.freed_ranges.items():
-                if first >= last:
-                    continue  # a keep-all plan: compacted in place, nothing to free
-                manager = managers[self.group_of_layer[layer_idx]]
-                free_before = pool.get_num_free_blocks()
-                # Nulls the entries and returns the blocks to the shared pool; the list
-                # keeps its logical length, so decode appends at logical positions.
-                manager._remove_blocks_in_range(req_id, first, last)
-                freed = pool.get_num_free_blocks() - free_before
-                self._scheduler_stats.record_freed(
-                    report.policy, freed, freed * self.block_bytes_of_layer[layer_idx]
-                )
+            kept = {self.group_of_layer[layer]: m // self.block_size
+                    for layer, m in report.kept_tokens.items()}
+            swap = swap_in_kept_blocks(managers, pool, req_id,
+                                       report.num_tokens // self.block_size, kept)
+            if swap is None:
+                if req_id in managers[next(iter(kept))].req_to_blocks:
+                    logger.warning("vllm-entropy-kv: %s: no free blocks for its %d kept "
+                                   "blocks; left uncompressed", req_id, sum(kept.values()))
+                self._dropped.add(req_id)
+                continue
+            self._kept_blocks[req_id] = {
+                self.layer_of_group[g]: ids for g, ids in swap.kept_block_ids.items()}
+            self._scheduler_stats.record_freed(
+                report.policy, swap.freed_blocks, swap.freed_blocks * self.block_bytes,
+                cached_blocks_released=swap.cached_blocks_released,
+                prefix_hit_tokens=self._prefix_hit_tokens.pop(req_id, 0),
+            )
 
     # Metrics: vLLM's KV-connector stats pipeline (see vllm_entropy_kv/metrics.py).
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
@@ -200,7 +290,10 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
         )
 
     def request_finished(self, request: Request, block_ids: list[int]):
-        return False, None
+        return self.request_finished_all_groups(request, (block_ids,))
 
     def request_finished_all_groups(self, request: Request, block_ids):
+        for state in (self._requests, self._request_configs, self._prefix_hit_tokens,
+                      self._kept_blocks):
+            state.pop(request.request_id, None)
         return False, None

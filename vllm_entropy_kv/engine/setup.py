@@ -57,11 +57,11 @@ def prepare_engine_args(engine_args: Any, config: KVPolicyConfig) -> None:
             "the paged cache, which a quantised cache holds scaled and rounded; use "
             "--kv-cache-dtype auto (the model's dtype)"
         )
-    # Chunked prefill, async scheduling and max_num_batched_tokens stay as vLLM sets them:
-    # compression observes the prompt's last chunk and reads earlier keys from the cache,
-    # and frees blocks only after the step that stopped reading them (docs/ENGINE.md).
-    _set_arg(engine_args, "enable_prefix_caching", False,
-             "compacted blocks no longer hold the tokens their hashes name")
+    # Chunked prefill, async scheduling, prefix caching and max_num_batched_tokens stay as
+    # vLLM sets them: compression observes the prompt's last chunk and reads earlier keys
+    # from the cache, writes the kept tokens to fresh blocks (a prompt block keeps the tokens
+    # its hash names) and releases blocks only after the step that stopped reading them
+    # (docs/ENGINE.md).
     if engine_args.block_size is None:
         _set_arg(engine_args, "block_size", COMPRESSION_BLOCK_SIZE,
                  "a layer frees whole blocks, and 32-token blocks (the smallest the CPU "
@@ -97,7 +97,7 @@ def _set_arg(engine_args: Any, name: str, new: Any, reason: str) -> None:
 def comparison_flags() -> list[str]:
     """`vllm serve` flags that give a `none` server the settings a policy changes
     (`prepare_engine_args`), so outputs can be compared token for token."""
-    return ["--block-size", str(COMPRESSION_BLOCK_SIZE), "--no-enable-prefix-caching"]
+    return ["--block-size", str(COMPRESSION_BLOCK_SIZE)]
 
 
 def check_platform(config: KVPolicyConfig) -> None:

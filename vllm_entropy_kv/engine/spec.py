@@ -41,8 +41,8 @@ class LayerFullAttentionSpec(FullAttentionSpec):
 
 
 class LayerFullAttentionManager(FullAttentionManager):
-    """The stock full-attention manager; the connector frees compacted ranges through
-    `_remove_blocks_in_range`, which nulls entries and keeps logical positions."""
+    """The stock full-attention manager; `engine/block_table.py` swaps a compacted
+    request's prompt blocks for its kept blocks in it."""
 
 
 def register_layer_spec() -> None:

@@ -2,18 +2,22 @@
 
 Timeline of one request, all in the worker process:
 1. The steps that compute the request's prompt, in one chunk or several (vLLM's chunked
-   prefill): every layer's backend `forward` hands `CompressionWorker.capture` the queries
-   of the observation window (the prompt's last W positions) that its chunk holds. Nothing
-   else is kept: keys and values are in the paged cache.
-2. After the forward of the prompt's last chunk (`wait_for_save` of the connector),
+   prefill), after any prefix-cache hit: every layer's backend `forward` hands
+   `CompressionWorker.capture` the queries of the observation window (the prompt's last W
+   positions) that its chunk holds. Nothing else is kept: keys and values are in the paged
+   cache.
+2. After the forward of the prompt's last chunk (step t, `wait_for_save` of the connector),
    `compact` reads each layer's prompt keys and values back from the paged cache
-   (`cache_layout`), runs the policy over all layers, writes each layer's kept tokens to the
-   front of its blocks with the layout-safe cache op, and records the logical block range
-   `[first, last)` that layer no longer reads.
-3. Later steps: the metadata builder gives the kernel a virtual block-table row without that
-   range and a physical sequence length; positions and slot mapping stay logical.
-The scheduler hears of each range through the connector and returns the blocks to the pool
-(docs/ENGINE.md: why that never races a step in flight under async scheduling).
+   (`cache_layout`), runs the policy over all layers and keeps each layer's kept tokens
+   (and summaries) aside; its report says how many blocks each layer keeps. The prompt's
+   blocks are not touched: other requests may share them through the prefix cache.
+3. The scheduler hears of the report, gives the request fresh blocks for the kept tokens in
+   place of its prompt blocks and releases those (`engine/block_table.py`); at the start of
+   step t+2 the connector hands the worker the fresh block ids (`write_kept`), which writes
+   the kept tokens into them before the step's forward.
+4. Later steps: the metadata builder gives the kernel a virtual block-table row of the kept
+   blocks followed by the tail, and a physical sequence length; positions and slot mapping
+   stay logical. docs/ENGINE.md says why no step reads a block another request was given.
 
 Only the compressible prefix (whole blocks) is planned; the partially filled last prompt
 block stays in place because decode appends to it at logical slots. The observation window
@@ -46,7 +50,6 @@ from vllm_entropy_kv.policies.stats import compressed_kv
 
 logger = init_logger(__name__)
 
-BlockRange = tuple[int, int]
 # Set to 1 to check, every step, that no KV block is read by two (request, layer) pairs: a
 # block freed by compaction and handed on while its old owner still read it would be. Costs
 # about a millisecond per step; the tests turn it on.
@@ -54,7 +57,8 @@ CHECK_BLOCKS_ENV = "VLLM_ENTROPY_KV_CHECK_BLOCKS"
 
 
 class BlockOwnershipError(RuntimeError):
-    """Two requests (or layers) read the same KV block in one step."""
+    """A KV block is read in one step as two different things: by two layers, at two
+    logical positions, or as one request's kept block by another reader."""
 
 
 @dataclass
@@ -78,7 +82,7 @@ class CaptureRequest:
     @property
     def window(self) -> tuple[int, int]:
         """The prompt positions of the observation queries."""
-        return max(0, self.prompt_tokens - self.config.window), self.prompt_tokens
+        return window_start(self.prompt_tokens, self.config), self.prompt_tokens
 
 
 @dataclass
@@ -127,13 +131,33 @@ class PendingCompression:
 
 
 @dataclass
+class KeptLayer:
+    """One layer's kept tokens and summaries, planned at step t and written at step t+2 into
+    the blocks the scheduler gives (`CompressionWorker.write_kept`)."""
+
+    keys: torch.Tensor  # [Hkv, m, d]
+    values: torch.Tensor
+    captured: CapturedLayer  # where the layer's cache is, and its cache op's settings
+    num_blocks: int  # the compressed prompt's blocks, which the kept blocks replace
+
+
+@dataclass
+class CompactedLayer:
+    """A layer of a compacted request: its kept blocks replace the first `num_blocks`
+    logical blocks (the compressed prompt) in every kernel view of its row."""
+
+    kept_block_ids: torch.Tensor  # int32
+    num_blocks: int
+
+
+@dataclass
 class CompressionReport:
-    """What the worker did to one request: per layer, the block range it no longer reads."""
+    """What the worker planned for one request: how many tokens (whole blocks) each layer
+    keeps of the `num_tokens` compressed prompt tokens."""
 
     policy: str
     num_tokens: int
     kept_tokens: dict[int, int]
-    freed_ranges: dict[int, BlockRange]
     seconds: float
     # Stats only (metrics): tokens in the cache when compressed (the prompt; the tail beyond
     # `num_tokens` stays in place), and each layer's entropy if the policy computed it.
@@ -153,17 +177,19 @@ class CompressionWorker:
         self.num_layers = 0
         self.total_kv_heads = 0
         self._runner: weakref.ref[Any] | None = None
-        self.freed: dict[str, dict[int, BlockRange]] = {}
+        # Planned at the end of prefill, waiting for the scheduler's fresh blocks.
+        self.kept: dict[str, dict[int, KeptLayer]] = {}
+        self.compacted: dict[str, dict[int, CompactedLayer]] = {}
         self.log_bias: dict[str, dict[int, torch.Tensor]] = {}
         self.pending: dict[str, PendingCompression] = {}
-        # The prompt length of each request whose prompt is being computed (set when it
-        # starts at position 0, dropped once compressed).
+        # The prompt length of each request whose prompt is being computed (set when the
+        # scheduler starts or resumes it, dropped once planned).
         self.prefill_tokens: dict[str, int] = {}
         self.request_configs: dict[str, KVPolicyConfig] = {}
         self.reports: dict[str, CompressionReport] = {}
         self.stats = EntropyKVStats()
         self.checks_blocks = os.environ.get(CHECK_BLOCKS_ENV) == "1"
-        self._blocks_read: list[tuple[str, int, torch.Tensor]] = []
+        self._blocks_read: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
 
     def configure(self, config: KVPolicyConfig, block_size: int, num_layers: int,
                   total_kv_heads: int = 0) -> None:
@@ -206,21 +232,13 @@ class CompressionWorker:
         self.request_configs[req_id] = config
         return config
 
-    def min_tokens_to_compress(self, config: KVPolicyConfig) -> int:
-        """Prompts shorter than this are left alone: nothing could be freed."""
-        floor = config.sink_tokens + config.recent_tokens
-        return max(2 * self.block_size, floor + self.block_size)
-
     def compressible_tokens(self, prompt_tokens: int, config: KVPolicyConfig) -> int:
-        """Whole blocks of the prompt; 0 if the request should not be compressed."""
-        if not config.enabled:
-            return 0
-        num_tokens = prompt_tokens // self.block_size * self.block_size
-        return num_tokens if num_tokens >= self.min_tokens_to_compress(config) else 0
+        return compressible_tokens(prompt_tokens, config, self.block_size)
 
     def forget(self, req_id: str) -> None:
-        """Drop a request's compaction state (it is recomputed from scratch after preemption)."""
-        self.freed.pop(req_id, None)
+        """Drop a request's compaction state (it is recomputed after preemption)."""
+        self.kept.pop(req_id, None)
+        self.compacted.pop(req_id, None)
         self.log_bias.pop(req_id, None)
         self.pending.pop(req_id, None)
         self.prefill_tokens.pop(req_id, None)
@@ -230,14 +248,14 @@ class CompressionWorker:
         self.forget(req_id)
         self.request_configs.pop(req_id, None)
 
-    def start_prefill(self, req_id: str) -> None:
-        """A request computed from position 0 (new, or recomputed after preemption): any
-        earlier compaction of it is void. Compression covers the prompt, observed by its
-        last queries, also when a recompute after preemption computes the outputs so far
-        too: the request is compressed as it was the first time, its outputs stay whole."""
+    def start_prefill(self, req_id: str, prompt_tokens: int) -> None:
+        """A request the scheduler starts (new, or resumed after preemption; after a
+        prefix-cache hit its first chunk starts past position 0): any earlier compaction of
+        it is void. Compression covers the prompt, observed by its last queries, also when a
+        recompute after preemption computes the outputs so far too: the request is
+        compressed as it was the first time, its outputs stay whole."""
         self.forget(req_id)
-        state = self._request_state(req_id)
-        self.prefill_tokens[req_id] = int(getattr(state, "num_prompt_tokens", 0))
+        self.prefill_tokens[req_id] = prompt_tokens
 
     def capture_request(
         self, req_id: str, token_start: int, chunk_start: int, chunk_end: int,
@@ -284,27 +302,40 @@ class CompressionWorker:
             captured.kv_cache_dtype = kv_cache_dtype
             pending.complete = True
 
-    def note_blocks_read(self, req_id: str, layer_idx: int, blocks: torch.Tensor) -> None:
-        """The physical blocks one request's row of one layer reads in this step."""
-        self._blocks_read.append((req_id, layer_idx, blocks))
+    def note_blocks_read(self, req_id: str, layer_idx: int, blocks: torch.Tensor,
+                         positions: torch.Tensor) -> None:
+        """The physical blocks one request's row of one layer reads in this step, and their
+        logical block positions (-1: a kept block of a compacted request)."""
+        self._blocks_read.append((req_id, layer_idx, blocks, positions))
 
     def check_blocks_read(self) -> None:
-        """At the end of a step: every block noted in it had exactly one reader."""
+        """At the end of a step: requests share a block only as the prefix cache shares it,
+        in one layer at one logical position (hashes chain from the prompt's start), and a
+        compacted request's kept blocks are read by it alone. A block freed by compaction
+        and handed on while its old owner still read it breaks this."""
         noted, self._blocks_read = self._blocks_read, []
         if not noted:
             return
-        blocks = torch.cat([b for _, _, b in noted])
-        ids, counts = torch.unique(blocks, return_counts=True)
-        shared = set(ids[counts > 1].tolist())
-        if shared:
-            readers = [(req, layer) for req, layer, b in noted
-                       if shared & set(b.tolist())]
+        reads = torch.cat([
+            torch.stack([blocks.to(torch.int64), torch.full_like(positions, layer_idx),
+                         positions.to(torch.int64)], dim=1)
+            for _, layer_idx, blocks, positions in noted
+        ])
+        distinct = torch.unique(reads, dim=0)
+        ids, counts = torch.unique(distinct[:, 0], return_counts=True)
+        bad = set(ids[counts > 1].tolist())
+        kept_ids, kept_reads = torch.unique(reads[:, 0], return_counts=True)
+        private = set(reads[reads[:, 2] < 0, 0].tolist())
+        bad |= private & set(kept_ids[kept_reads > 1].tolist())
+        if bad:
+            readers = [(req, layer) for req, layer, b, _ in noted if bad & set(b.tolist())]
             raise BlockOwnershipError(
-                f"vllm-entropy-kv: KV blocks {sorted(shared)[:8]} are read by more than one "
-                f"(request, layer) in one step: {readers[:8]}")
+                f"vllm-entropy-kv: KV blocks {sorted(bad)[:8]} are read as different things "
+                f"(layers, logical positions or a request's kept blocks) in one step: "
+                f"{readers[:8]}")
 
     def compact(self) -> None:
-        """Plan and compact every request whose prompt's last chunk ran in this forward."""
+        """Plan every request whose prompt's last chunk ran in this forward."""
         complete = [req_id for req_id, p in self.pending.items() if p.complete]
         group = tensor_parallel_group() if complete else None
         for req_id in complete:
@@ -315,21 +346,17 @@ class CompressionWorker:
                                "compressed", req_id, missing)
                 continue
             started = time.perf_counter()
-            report, log_bias = self._compact_request(request, group)
+            report, self.kept[req_id] = self._plan_request(req_id, request, group)
             report.seconds = time.perf_counter() - started
-            self.freed[req_id] = report.freed_ranges
-            if log_bias:
-                self.log_bias[req_id] = log_bias
             self.reports[req_id] = report
             if group is None or group.rank_in_group == 0:
                 self._record_stats(report)  # once per request, not once per TP rank
 
-    def _compact_request(
-        self, request: PendingCompression, group: Any | None
-    ) -> tuple[CompressionReport, dict[int, torch.Tensor]]:
-        """Plan and write one request (with its TP group's ranks, if `group`); returns its
-        report and, per layer with biased summary tokens, the log(count) bias of its first
-        slots (kept in the worker, never sent)."""
+    def _plan_request(
+        self, req_id: str, request: PendingCompression, group: Any | None
+    ) -> tuple[CompressionReport, dict[int, KeptLayer]]:
+        """Plan one request (with its TP group's ranks, if `group`); returns its report and
+        each layer's kept tokens, to write once the scheduler gives their blocks."""
         config = request.config
         # Built from all of the request's settings (window, reach, ...), cached per value.
         policy = config.make_policy()
@@ -344,7 +371,7 @@ class CompressionWorker:
             plans = plan_on_all_heads(lambda full: policy.plan(full, budget), observations,
                                       group, self.total_kv_heads)
         kept: dict[int, int] = {}
-        freed: dict[int, BlockRange] = {}
+        kept_layers: dict[int, KeptLayer] = {}
         log_bias: dict[int, torch.Tensor] = {}
         for layer_idx, cap, observation, plan in zip(layer_ids, captured, observations, plans):
             m = plan.num_physical
@@ -353,19 +380,13 @@ class CompressionWorker:
                 raise ValueError(f"layer {layer_idx}: plan keeps {m} tokens, not a whole "
                                  f"number of {block}-token blocks within {n}")
             # Kept tokens in prompt order, then the summaries: the layer's new first m slots.
-            # A plan that keeps every token goes the same way (an identity rewrite of its
-            # slots) and frees the empty range (n // block, n // block).
+            # A plan that keeps every token goes the same way (a copy of all of them).
             keys, values, bias = compressed_kv(observation, plan)
-            positions = torch.arange(m)
-            slots = cap.block_ids[positions // block].to(torch.int64) * block + positions % block
-            write_tokens(
-                cap.kv_cache, keys.transpose(0, 1), values.transpose(0, 1), slots,
-                cap.layer.isa, k_scale=cap.layer._k_scale_float,
-                v_scale=cap.layer._v_scale_float, kv_cache_dtype=cap.kv_cache_dtype,
-            )
-            freed[layer_idx] = (m // block, n // block)
+            kept_layers[layer_idx] = KeptLayer(keys, values, cap, n // block)
             if config.merge_bias and bool(bias.any()):
                 log_bias[layer_idx] = bias
+        if log_bias:
+            self.log_bias[req_id] = log_bias
         entropies = {
             layer_idx: plan.layer_entropy
             for layer_idx, plan in zip(layer_ids, plans)
@@ -376,11 +397,38 @@ class CompressionWorker:
             for layer_idx, plan in zip(layer_ids, plans)
             if plan.num_summaries and plan.num_physical < n
         }
-        report = CompressionReport(config.policy, n, kept, freed, seconds=0.0,
+        report = CompressionReport(config.policy, n, kept, seconds=0.0,
                                    prompt_tokens=request.prompt_tokens,
                                    layer_entropy=entropies, summaries=summaries,
                                    plan_digest=plan_digest(plans))
-        return report, log_bias
+        return report, kept_layers
+
+    def write_kept(self, req_id: str, block_ids: dict[int, list[int]]) -> None:
+        """Write each layer's planned tokens into the blocks the scheduler gave the request
+        in place of its prompt blocks (start of step t+2: every step that read those blocks
+        for any request has finished, and this step's forward has not begun)."""
+        kept = self.kept.pop(req_id)
+        block = self.block_size
+        compacted: dict[int, CompactedLayer] = {}
+        for layer_idx, ids in block_ids.items():
+            layer = kept[layer_idx]
+            cap = layer.captured
+            ids_tensor = torch.tensor(ids, dtype=torch.int64)
+            positions = torch.arange(layer.keys.shape[1])
+            slots = ids_tensor[positions // block] * block + positions % block
+            write_tokens(
+                cap.kv_cache, layer.keys.transpose(0, 1), layer.values.transpose(0, 1), slots,
+                cap.layer.isa, k_scale=cap.layer._k_scale_float,
+                v_scale=cap.layer._v_scale_float, kv_cache_dtype=cap.kv_cache_dtype,
+            )
+            compacted[layer_idx] = CompactedLayer(ids_tensor.to(torch.int32), layer.num_blocks)
+        self.compacted[req_id] = compacted
+
+    def drop_plan(self, req_id: str) -> None:
+        """The scheduler did not compact the request (gone, or no room for its blocks): it
+        goes on uncompressed."""
+        self.kept.pop(req_id, None)
+        self.log_bias.pop(req_id, None)
 
     def _request_state(self, req_id: str) -> Any:
         """The runner's `CachedRequestState` of a request, or None."""
@@ -403,6 +451,22 @@ class CompressionWorker:
     def take_reports(self) -> dict[str, CompressionReport]:
         reports, self.reports = self.reports, {}
         return reports
+
+
+def compressible_tokens(prompt_tokens: int, config: KVPolicyConfig, block_size: int) -> int:
+    """Whole blocks of the prompt; 0 if the request should not be compressed (a prompt too
+    short to free anything, or the policy `none`)."""
+    if not config.enabled:
+        return 0
+    floor = config.sink_tokens + config.recent_tokens
+    num_tokens = prompt_tokens // block_size * block_size
+    return num_tokens if num_tokens >= max(2 * block_size, floor + block_size) else 0
+
+
+def window_start(prompt_tokens: int, config: KVPolicyConfig) -> int:
+    """The first prompt position whose query observes (the window is the prompt's last
+    `config.window` positions)."""
+    return max(0, prompt_tokens - config.window)
 
 
 def plan_digest(plans: list[LayerPlan]) -> str:
