@@ -3,6 +3,7 @@ planning bench runs where vLLM is not installed."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,3 +25,12 @@ def write_section(path: Path, name: str, text: str) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(new)
+
+
+def marked_sections(path: Path) -> str:
+    """Every `<!-- name:begin -->` ... `<!-- name:end -->` block of `path`, in order (empty if
+    none), for a writer that regenerates the rest of the page and must keep them."""
+    if not path.exists():
+        return ""
+    blocks = re.finditer(r"<!-- (\S+):begin -->.*?<!-- \1:end -->", path.read_text(), re.S)
+    return "\n\n".join(b.group(0) for b in blocks)

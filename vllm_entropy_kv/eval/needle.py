@@ -9,7 +9,7 @@ A hit is the key phrase in the answer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,16 +82,22 @@ def build_prompt(
     )
 
 
+def has_key_phrase(answer: str) -> bool:
+    return KEY_PHRASE in answer.lower()
+
+
 def greedy_answer(
     model: Model,
     kv: KVState,
     prompt: torch.Tensor,
     max_new_tokens: int,
     use_bias: bool = True,
-    stop_phrase: str | None = KEY_PHRASE,
+    done: Callable[[str], bool] | None = None,
 ) -> str:
     """Greedy decoding after `prompt`; stops at end of turn, after `max_new_tokens`, or as soon
-    as `stop_phrase` has appeared (the verdict cannot change after that)."""
+    as `done(answer so far)` holds (default: the key phrase has appeared); callers stop where
+    the verdict cannot change any more."""
+    done = done or has_key_phrase
     tok = model.tokenizer
     stops = {
         i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if i is not None
@@ -104,7 +110,7 @@ def greedy_answer(
         if nxt in stops:
             break
         tokens.append(nxt)
-        if stop_phrase and stop_phrase in tok.decode(tokens).lower():
+        if done(tok.decode(tokens)):
             break
         step = model.forward(
             torch.tensor([[nxt]]), step.kv, use_bias=use_bias, logits=slice(-1, None)
@@ -143,7 +149,7 @@ def run_needle(
                 result = planner(variant.policy, ratio)
                 kv = apply_plans(layers, result.plans, n)
                 answer = greedy_answer(model, kv, prompt.question, max_new_tokens, variant.use_bias)
-                hit = KEY_PHRASE in answer.lower()
+                hit = has_key_phrase(answer)
                 rows.append(
                     {
                         "task": "needle",

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vllm_entropy_kv.bench.sections import marked_sections
 from vllm_entropy_kv.eval.results import Row, select
 
 HEADLINE_RATIO = 0.25
@@ -427,6 +428,8 @@ def write_results(
     if meta.get("notes"):
         out += ["## Notes on this run", ""] + [f"- {note}" for note in meta["notes"]] + [""]
     out += ["## Caveats", ""] + caveats(rows)
+    # Sections other commands write into this page (the RULER leaderboard) stay.
+    out += ["", marked_sections(path)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out).rstrip() + "\n")
 

@@ -1,0 +1,51 @@
+"""CI's smoke run of the RULER-style suite: 2 samples per task on the embedded model, the
+leaderboard well formed, and the full cache finding the single needle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vllm_entropy_kv import assets
+
+pytestmark = [
+    pytest.mark.model,
+    pytest.mark.skipif(
+        not (assets.is_complete(assets.model_dir()) and assets.is_complete(assets.texts_dir())),
+        reason="run `python -m vllm_entropy_kv.assets` first",
+    ),
+]
+
+TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe",
+         "fwe", "qa"]
+
+
+def test_smoke_leaderboard(tmp_path: Path) -> None:
+    from vllm_entropy_kv.eval.ruler.__main__ import main
+
+    rows = main(["--tasks", ",".join(TASKS), "--lengths", "512", "--samples", "2",
+                 "--arms", "none,entropy", "--ratios", "0.25", "--out", str(tmp_path)])
+    assert len(rows) == len(TASKS) * 2 * 2
+    single = [r["score"] for r in rows if r["task"] == "niah_single" and r["arm"] == "none"]
+    assert single == [1.0, 1.0]
+    assert all(abs(r["kept"] - 0.25) < 0.02 for r in rows if r["arm"] == "entropy")
+
+    text = (tmp_path / "RESULTS.md").read_text()
+    section = text[text.index("<!-- ruler:begin -->"): text.index("<!-- ruler:end -->")]
+    table = [line for line in section.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:3] == ["policy", "ratio", "held"]
+    assert header[3:-2] == [f"{task} 0.5k" for task in TASKS]
+    assert header[-2:] == ["average [95% CI]", "vs full"]
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert [(r[0], r[1]) for r in body] == [
+        ("**none**", "1"), ("entropy", "0.25")]
+    assert all(len(r) == len(header) for r in body)
+    assert body[0][3].startswith("100.0 [")
+    assert (tmp_path / "img" / "ruler_vs_ratio.png").stat().st_size > 1000
+    # Resuming with the same grid runs nothing new.
+    again = main(["--tasks", ",".join(TASKS), "--lengths", "512", "--samples", "2",
+                  "--arms", "none,entropy", "--ratios", "0.25", "--out", str(tmp_path),
+                  "--resume"])
+    assert len(again) == len(rows)

@@ -1,0 +1,72 @@
+"""The RULER-style generators and statistics, without the model (a word count stands in for
+the tokenizer)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_entropy_kv import assets
+from vllm_entropy_kv.eval.ruler.sample import Sample
+from vllm_entropy_kv.eval.ruler.stats import average, estimate, wilson
+
+requires_texts = pytest.mark.skipif(
+    not assets.is_complete(assets.texts_dir()), reason="run `python -m vllm_entropy_kv.assets`"
+)
+
+
+def words(sample: Sample) -> int:
+    return len((sample.message + sample.answer_prefix).split())
+
+
+@requires_texts
+@pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "niah_multivalue",
+                                  "niah_multiquery", "vt", "cwe", "fwe", "qa"])
+def test_samples_fit_are_seeded_and_hold_their_answers(task: str) -> None:
+    from vllm_entropy_kv.eval.ruler.tasks import make_sample
+
+    sample = make_sample(task, 1500, 3, seed=0, count=words)
+    assert sample.task == task
+    assert 1200 <= words(sample) <= 1500
+    assert make_sample(task, 1500, 3, seed=0, count=words) == sample
+    assert make_sample(task, 1500, 4, seed=0, count=words) != sample
+    assert sample.references and sample.max_new_tokens > 0
+    if task != "qa":  # the QA answer is blanked out of its sentence (and maybe elsewhere)
+        assert all(ref in sample.message for ref in sample.references)
+    assert sample.score(" ".join(sample.references)) == 1.0
+    assert sample.score("nothing") == 0.0
+
+
+def test_score_is_the_share_of_references_found() -> None:
+    sample = Sample("t", "m", "p", ("123", "AbC"), 8)
+    assert sample.score("abc and 12") == 0.5
+
+
+def test_wilson_interval() -> None:
+    low, high = wilson(100, 100)
+    assert high == 1.0 and low == pytest.approx(0.963, abs=1e-3)
+    low, high = wilson(50, 100)
+    assert (low, high) == pytest.approx((0.4038, 0.5962), abs=1e-3)
+
+
+def test_estimates() -> None:
+    binary = estimate([1.0] * 9 + [0.0])
+    assert binary.mean == 0.9 and (binary.low, binary.high) == pytest.approx(wilson(9, 10))
+    partial = estimate([0.5, 0.25, 1.0, 0.75] * 5)
+    assert partial.low < partial.mean < partial.high
+    avg = average([[1.0] * 10, [0.0, 1.0] * 5])
+    assert avg.mean == 0.75 and avg.samples == 20 and avg.low < 0.75 < avg.high
+    assert average([[1.0, 0.0]]) == estimate([1.0, 0.0])
+
+
+def test_served_cross_check_pairs_the_same_samples() -> None:
+    from vllm_entropy_kv.eval.ruler.served import cross_check
+
+    def row(index: int, score: float) -> dict:
+        return {"task": "niah_single", "length": 2048, "index": index, "arm": "entropy",
+                "ratio": 0.25, "score": score}
+
+    offline = [row(i, 1.0) for i in range(20)] + [row(99, 0.0)]
+    served = [row(i, 1.0 if i else 0.0) for i in range(20)]
+    text = cross_check(offline, served)
+    line = text.splitlines()[2]
+    assert "| 20 |" in line and "| yes | 19/20 |" in line

@@ -1,0 +1,73 @@
+"""The rows of the leaderboard: a registered policy with parameters, plus the ablations.
+
+An arm is a policy from `policies/` (built through the registry, never re-implemented), its
+dataclass parameters, whether summary tokens get the log(count) bias, and whether its summary
+tokens are dropped (to tell what SRC's summaries add to its kept tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_entropy_kv.policies import KVPolicy, LayerPlan, available_policies, get_policy
+
+REFERENCE = "none"
+
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    policy: str
+    params: tuple[tuple[str, Any], ...] = ()
+    use_bias: bool = True
+    kept_only: bool = False
+
+    @property
+    def plan_key(self) -> tuple[str, tuple[tuple[str, Any], ...]]:
+        """Arms with the same key share one plan per ratio (bias and dropping summaries are
+        applied after planning)."""
+        return self.policy, self.params
+
+    def build(self) -> KVPolicy:
+        return get_policy(self.policy, **dict(self.params))
+
+    def applied(self, plans: list[LayerPlan]) -> list[LayerPlan]:
+        """The plans this arm runs with: summaries dropped for a kept-only arm."""
+        if not self.kept_only:
+            return plans
+        return [LayerPlan(keep=p.keep, layer_entropy=p.layer_entropy) for p in plans]
+
+
+ABLATIONS = {
+    # The entropy policy's selection with every layer given the same budget (exponent 0):
+    # isolates what the entropy budgets add.
+    "entropy-uniform": Arm("entropy-uniform", "entropy", (("exponent", 0.0),)),
+    "entropy-merge-nobias": Arm("entropy-merge-nobias", "entropy-merge", use_bias=False),
+    # SRC without its synthetic tokens: what its kept tokens alone do (its budget minus rank).
+    "src-kept": Arm("src-kept", "src", kept_only=True),
+}
+# entropy-merge without the merge (summary_fraction 0) plans exactly what `entropy` plans (the
+# same scores, budgets and selection), so `entropy` is that row.
+DEFAULT_ARMS = (
+    "none",
+    "entropy",
+    "entropy-uniform",
+    "snapkv",
+    "pyramid",
+    "streaming",
+    "entropy-merge",
+    "entropy-merge-nobias",
+    "src",
+    "src-kept",
+)
+
+
+def arm(name: str) -> Arm:
+    """A registered policy with its defaults, or one of the ABLATIONS."""
+    if name in ABLATIONS:
+        return ABLATIONS[name]
+    if name in available_policies():
+        return Arm(name, name)
+    valid = ", ".join([*available_policies(), *ABLATIONS])
+    raise ValueError(f"unknown arm {name!r}; valid: {valid}")
