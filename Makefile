@@ -5,7 +5,7 @@ PORT    ?= 8000
 POLICY  ?= none
 VLLM_ARGS ?=
 
-.PHONY: install serve test test-fast eval bench clean
+.PHONY: install serve test test-fast eval eval-ruler bench clean
 
 install:
 	bash scripts/install.sh
@@ -22,6 +22,13 @@ test-fast: install
 
 eval: install
 	$(PY) -m vllm_entropy_kv.eval
+
+# The RULER-style suite (docs/RESULTS.md, section "RULER-style suite"): the full grid by
+# default; RULER_ARGS="--lengths 2048 --samples 20 --resume" or any flag of
+# `python -m vllm_entropy_kv.eval.ruler --help`; MODEL=DIR for another HF model directory.
+RULER_ARGS ?=
+eval-ruler: install
+	$(PY) -m vllm_entropy_kv.eval.ruler $(if $(MODEL),--model $(MODEL)) $(RULER_ARGS)
 
 # The serving benchmark (starts its servers; docs/BENCHMARKS.md). BENCH_ARGS=--quick for a
 # small grid, or any flag of `python -m vllm_entropy_kv.bench --help`.
