@@ -1,10 +1,12 @@
-"""One progress line per step on stderr, with elapsed time and an ETA."""
+"""One progress line per step on stderr: a bar, elapsed time and an ETA."""
 
 from __future__ import annotations
 
 import sys
 import time
 from typing import TextIO
+
+BAR_WIDTH = 20
 
 
 def _clock(seconds: float) -> str:
@@ -13,7 +15,8 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    """Counts steps of a task of known size and prints `[eval] task i/n ... ETA` lines."""
+    """Counts steps of a task of known size and prints `[eval] task [###...] i/n ... ETA`
+    lines."""
 
     def __init__(self, task: str, total: int, stream: TextIO | None = None) -> None:
         self.task = task
@@ -26,8 +29,10 @@ class Progress:
         self.done += count
         elapsed = time.monotonic() - self.start
         eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        filled = BAR_WIDTH * min(self.done, self.total) // self.total
+        bar = "#" * filled + "." * (BAR_WIDTH - filled)
         print(
-            f"[eval] {self.task} {self.done}/{self.total} {message} "
+            f"[eval] {self.task} [{bar}] {self.done}/{self.total} {message} "
             f"elapsed {_clock(elapsed)} ETA {_clock(eta)}",
             file=self.stream,
             flush=True,
