@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("docs"),
                    help="RESULTS.md and img/ go here (default docs)")
     p.add_argument("--resume", action="store_true",
-                   help="keep the rows in <out>/img/ruler.json and run only missing samples")
+                   help="keep the rows in <out>/img/ruler.json and run only what is missing "
+                   "(samples, or arms and ratios of a sample)")
     p.add_argument("--replot", action="store_true",
                    help="rebuild the table and plot from <out>/img/ruler.json, run nothing")
     return p.parse_args(argv)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "samples": f"{args.samples} per task and length from index {args.first}",
     }
     meta.setdefault("runs", []).append(run)
-    done = {(r["task"], r["length"], r["index"]) for r in rows}
+    done = {(r["task"], r["length"], r["index"], r["arm"], r["ratio"]) for r in rows}
 
     def checkpoint(new: list[Row]) -> None:
         rows.extend(new)

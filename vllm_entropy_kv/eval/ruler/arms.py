@@ -43,6 +43,9 @@ ABLATIONS = {
     # The entropy policy's selection with every layer given the same budget (exponent 0):
     # isolates what the entropy budgets add.
     "entropy-uniform": Arm("entropy-uniform", "entropy", (("exponent", 0.0),)),
+    # The entropy policy choosing single tokens (no 32-token chunks, no reach): what its
+    # phrase-level selection adds over SnapKV-like per-token scores.
+    "entropy-token": Arm("entropy-token", "entropy", (("chunk_size", 1), ("reach", 1))),
     "entropy-merge-nobias": Arm("entropy-merge-nobias", "entropy-merge", use_bias=False),
     # SRC without its synthetic tokens: what its kept tokens alone do (its budget minus rank).
     "src-kept": Arm("src-kept", "src", kept_only=True),

@@ -51,18 +51,16 @@ def grid(
     ]
 
 
-def run_sample(
-    model: Model, sample: Sample, arms: Sequence[Arm], ratios: Sequence[float]
-) -> list[Row]:
-    """Every (arm, ratio) on one prefill of `sample`: one row each."""
+def run_sample(model: Model, sample: Sample, pairs: Sequence[tuple[Arm, float]]) -> list[Row]:
+    """Every (arm, ratio) of `pairs` on one prefill of `sample`: one row each."""
     ids = torch.tensor([prompt_ids(model.tokenizer, sample)])
     context, last = ids[:, :-1], ids[:, -1:]
-    built = {a.plan_key: a.build() for a in arms}
+    built = {a.plan_key: a.build() for a, _ in pairs}
     window = widest_window(list(built.values()))
     layers = prefill(model, context, window).observations(None)
     plans: dict[tuple, PlanResult] = {}
     rows = []
-    for a, ratio in grid(arms, ratios):
+    for a, ratio in pairs:
         key = (a.plan_key, ratio)
         if key not in plans:
             plans[key] = make_plans(built[a.plan_key], layers, ratio)
@@ -95,23 +93,28 @@ def run_suite(
     arms: Sequence[Arm],
     ratios: Sequence[float],
     seed: int,
-    done: set[tuple[str, int, int]],
+    done: set[tuple[str, int, int, str, float]],
     checkpoint: Callable[[list[Row]], None],
 ) -> None:
-    """Every sample not in `done` ((task, length, index)); `checkpoint` gets each sample's
-    rows as soon as they exist, so an interrupted run can resume."""
-    todo = [(t, n, i) for n in lengths for i in indices for t in tasks if (t, n, i) not in done]
+    """Every (sample, arm, ratio) not in `done` ((task, length, index, arm, ratio)), so a run
+    resumes where it stopped and an arm added later runs alone; `checkpoint` gets each
+    sample's rows as soon as they exist."""
+    pairs = grid(arms, ratios)
+    todo = []
+    for length in lengths:
+        for index in indices:
+            for task in tasks:
+                missing = [(a, r) for a, r in pairs if (task, length, index, a.label, r) not in done]
+                if missing:
+                    todo.append((task, length, index, missing))
     progress = Progress("ruler", len(todo))
     count = prompt_counter(model.tokenizer)
-    totals: dict[str, list[float]] = {}
-    for task, length, index in todo:
+    for task, length, index, missing in todo:
         sample = make_sample(task, length, index, seed, count)
         with torch.inference_mode():
-            rows = run_sample(model, sample, arms, ratios)
+            rows = run_sample(model, sample, missing)
         for row in rows:
             row.update(length=length, index=index, seed=seed)
-            totals.setdefault(row["arm"] + f"@{row['ratio']:g}", []).append(row["score"])
         checkpoint(rows)
-        full = next(r["score"] for r in rows if r["policy"] == REFERENCE) if rows else 0.0
-        progress.step(f"{task} {length} #{index}: none {full:.2f}, "
-                      f"mean of all arms {sum(r['score'] for r in rows) / len(rows):.2f}")
+        progress.step(f"{task} {length} #{index}: mean score of {len(rows)} arm x ratio "
+                      f"{sum(r['score'] for r in rows) / len(rows):.2f}")

@@ -63,10 +63,10 @@ def cross_check(rows: Sequence[Row], served: Sequence[Row]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from transformers import AutoTokenizer
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--url", required=True)
+    p.add_argument("--url", help="the server (not needed with --compare)")
+    p.add_argument("--compare", action="store_true",
+                   help="send nothing: compare <out>/img/ruler-served.json with --offline")
     p.add_argument("--model", type=Path, default=None,
                    help="the model directory the server runs (default: the embedded model)")
     p.add_argument("--served-name", default=assets.SERVED_MODEL_NAME)
@@ -81,7 +81,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="RESULTS.md gets the comparison, img/ruler-served.json the rows")
     args = p.parse_args(argv)
     rows, _ = load_rows(args.offline)
-    seed = rows[0]["seed"]
+    served_path = args.out / "img" / "ruler-served.json"
+    served = json.loads(served_path.read_text()) if args.compare else query(args, rows[0]["seed"])
+    served_path.parent.mkdir(parents=True, exist_ok=True)
+    served_path.write_text(json.dumps(served, indent=1))
+    text = cross_check(rows, served)
+    print(text)
+    write_section(args.out / "RESULTS.md", SECTION, "### Served cross-check\n\n" + text)
+
+
+def query(args: argparse.Namespace, seed: int) -> list[Row]:
+    """The server's answers to the samples, one row per (sample, policy)."""
+    from transformers import AutoTokenizer
+
+    if not args.url:
+        raise SystemExit("--url is needed unless --compare is given")
     tokenizer = AutoTokenizer.from_pretrained(str(args.model or assets.model_dir()))
     count = prompt_counter(tokenizer)
     served: list[Row] = []
@@ -98,11 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"[served] {task} #{index}: " + ", ".join(
                 f"{r['arm']} {r['score']:.2f}" for r in served[-len(args.policies.split(",")):]),
                 flush=True)
-    (args.out / "img").mkdir(parents=True, exist_ok=True)
-    (args.out / "img" / "ruler-served.json").write_text(json.dumps(served, indent=1))
-    text = cross_check(rows, served)
-    print(text)
-    write_section(args.out / "RESULTS.md", SECTION, "### Served cross-check\n\n" + text)
+    return served
 
 
 if __name__ == "__main__":
