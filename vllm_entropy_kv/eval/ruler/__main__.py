@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(samples, or arms and ratios of a sample)")
     p.add_argument("--replot", action="store_true",
                    help="rebuild the table and plot from <out>/img/ruler.json, run nothing")
+    p.add_argument("--note", action="append", default=[],
+                   help="with --replot: add an observation about the runs to ruler.json; "
+                   "notes are listed under the table")
     return p.parse_args(argv)
 
 
@@ -60,6 +63,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
         from vllm_entropy_kv.eval.ruler.leaderboard import write_leaderboard
 
         rows, meta = load_rows(json_path)
+        if args.note:
+            meta["notes"] = [*meta.get("notes", []), *args.note]
+            save_rows(json_path, rows, meta)
         write_leaderboard(args.out, rows, meta)
         return rows
 

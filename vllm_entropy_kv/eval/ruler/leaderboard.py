@@ -178,6 +178,8 @@ def section(scores: Scores, meta: dict[str, Any]) -> str:
         out += ["Paired differences (same prompts) of entropy against the other arms:", ""]
         out += paired + [""]
     out += goals(scores)
+    if meta.get("notes"):
+        out += ["", "Notes:", ""] + [f"- {note}" for note in meta["notes"]]
     out += ["", f"![ruler_vs_ratio](img/{PLOT})"]
     return "\n".join(out)
 
