@@ -58,14 +58,21 @@ class Scores:
     def column(self, cell: Row_, col: Column) -> list[float]:
         return list(self.by_cell[cell].get(col, {}).values())
 
-    def average(self, cell: Row_) -> Estimate:
-        return average([self.column(cell, c) for c in self.columns])
+    def average(self, cell: Row_, columns: Sequence[Column] | None = None) -> Estimate:
+        return average([self.column(cell, c) for c in columns or self.columns])
+
+    def well_sampled(self) -> list[Column]:
+        """The columns where every cell that ran them has MIN_SAMPLES samples (all columns if
+        none has): the ones comparisons and goals are judged on."""
+        counts = {c: [len(self.column(cell, c)) for cell in self.by_cell] for c in self.columns}
+        full = [c for c in self.columns if all(n == 0 or n >= MIN_SAMPLES for n in counts[c])]
+        return full or self.columns
 
     def paired(self, a: Row_, b: Row_) -> Estimate:
         """Mean of a - b over the samples both were run on (same prompts), averaged over the
-        columns, with a stratified bootstrap interval."""
+        well-sampled columns, with a stratified bootstrap interval."""
         groups = []
-        for col in self.columns:
+        for col in self.well_sampled():
             sa, sb = self.by_cell[a].get(col, {}), self.by_cell[b].get(col, {})
             groups.append([sa[i] - sb[i] for i in sorted(sa.keys() & sb.keys())])
         return average(groups)
@@ -115,8 +122,9 @@ def goals(scores: Scores) -> list[str]:
     """The issue's goal at 25% kept: the best arm's average >= 90% of the full cache's."""
     if (REFERENCE, 1.0) not in scores.by_cell or GOAL_RATIO not in scores.ratios:
         return []
-    full = scores.average((REFERENCE, 1.0))
-    candidates = [(scores.average((a, GOAL_RATIO)), a) for a in scores.arms
+    columns = scores.well_sampled()
+    full = scores.average((REFERENCE, 1.0), columns)
+    candidates = [(scores.average((a, GOAL_RATIO), columns), a) for a in scores.arms
                   if (a, GOAL_RATIO) in scores.by_cell and a != REFERENCE]
     best, name = max(candidates, key=lambda c: c[0].mean)
     share = best.mean / full.mean if full.mean else 0.0
@@ -173,9 +181,12 @@ def section(scores: Scores, meta: dict[str, Any]) -> str:
         leaderboard_table(scores),
         "",
     ]
+    judged = ", ".join(f"{t} {n / 1024:g}k" for t, n in scores.well_sampled())
     paired = comparisons(scores)
     if paired:
-        out += ["Paired differences (same prompts) of entropy against the other arms:", ""]
+        out += [f"Paired differences (same prompts) of entropy against the other arms, and the "
+                f"goal, judged on the columns where every cell has {MIN_SAMPLES} samples or "
+                f"more ({judged}; all columns if none has):", ""]
         out += paired + [""]
     out += goals(scores)
     if meta.get("notes"):
