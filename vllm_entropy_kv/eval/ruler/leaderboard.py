@@ -20,7 +20,7 @@ PLOT = "ruler_vs_ratio.png"
 # Cells with fewer samples than the issue asks for are marked, not hidden.
 MIN_SAMPLES = 100
 FOCUS = "entropy"
-BASELINES = ("entropy-uniform", "snapkv", "pyramid", "streaming", "src")
+BASELINES = ("entropy-uniform", "entropy-token", "snapkv", "pyramid", "streaming", "src")
 GOAL_RATIO = 0.25
 GOAL_FRACTION = 0.9
 
