@@ -20,6 +20,7 @@ from pathlib import Path
 import run as loadtest
 
 from vllm_entropy_kv.bench.report import machine_description
+from vllm_entropy_kv.bench.vllm_client import STOCK_BLOCK_SIZE
 from vllm_entropy_kv.bench.sections import write_section
 from vllm_entropy_kv.engine.setup import COMPRESSION_BLOCK_SIZE
 from vllm_entropy_kv.launch import default_dtype, pool_flags
@@ -30,10 +31,12 @@ BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 
 def run_policy(args: argparse.Namespace, policy: str) -> dict:
     name = f"compare-{args.profile}-{policy}"
+    # The `none` side is stock vLLM: its own block size; the same KV bytes.
+    block_size = STOCK_BLOCK_SIZE if policy == "none" else None
     argv = ["--profile", args.profile, "--users", str(args.users), "--duration",
             str(args.duration), "--spawn-rate", str(args.users), "--policy", policy,
             "--out", str(args.out), "--name", name,
-            "--", *pool_flags(policy, args.kv_tokens)]
+            "--", *pool_flags(policy, args.kv_tokens, block_size)]
     if policy != "none":
         argv += ["--kv-budget", str(args.budget)]
     code = loadtest.main(argv)
@@ -64,6 +67,9 @@ def table(results: dict[str, dict]) -> str:
     row("prompt tokens served", [str(r["prompt_tokens"]) for r in results.values()])
     row("preemptions", [str(r["preemptions"]) for r in results.values()])
     row("requests compressed", [str(r["compressed_requests"]) for r in results.values()])
+    row("prefix cache hit rate", [_fmt(r.get("prefix_hit_rate"), 3) for r in results.values()])
+    row("peak KV usage", [_fmt(r.get("peak_kv_usage"), 3) for r in results.values()])
+    row("KV usage after", [_fmt(r.get("kv_cache_usage_after"), 3) for r in results.values()])
     names = sorted({n for r in results.values() for n in r["requests"] if n != "Aggregated"})
     for name in names:
         for key, label in (("p50_ms", "p50"), ("p95_ms", "p95")):
@@ -87,12 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {policy: run_policy(args, policy) for policy in ("none", args.policy)}
     command = "python loadtests/compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join([
-        "## Load test: `none` vs `{}` at {} (locust)".format(args.policy, args.budget),
+        "## Load test, profile `{}`: stock vLLM (`none`) vs `{}` at {} (locust)".format(
+            args.profile, args.policy, args.budget),
         "",
         f"`{command.strip()}` on {started}: profile `{args.profile}`, {args.users} users, "
         f"{args.duration} s per server, a KV pool of {args.kv_tokens} tokens for both "
-        "(`--num-gpu-blocks-override`: 32-token blocks of all layers for `none`, of one "
-        "layer for the policy's per-layer groups), one server at a time; "
+        f"(`--num-gpu-blocks-override`: `none` is stock vLLM with its {STOCK_BLOCK_SIZE}-token "
+        "blocks of all layers, the policy has 32-token blocks of one layer each), vLLM's "
+        "defaults otherwise (chunked prefill, async scheduling, prefix caching), one server "
+        "at a time; "
         f"{machine_description(default_dtype(), COMPRESSION_BLOCK_SIZE)}. Latencies are of "
         "whole requests (streams included); TTFT/TPOT rows are the locust METRIC entries.",
         "",
@@ -100,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ])
     print(text)
     if not args.no_docs:
-        write_section(BENCHMARKS, "loadtest-compare", text)
+        write_section(BENCHMARKS, f"loadtest-compare-{args.profile}", text)
         print(f"written to {BENCHMARKS}")
     return max(r["exit_code"] for r in results.values())
 

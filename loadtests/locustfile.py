@@ -6,7 +6,13 @@ Profile, from the environment variable `LOADTEST_PROFILE` (default `short`):
 - `short`: short chat questions and short completion prompts;
 - `long`: long-context questions over the real texts (a window of the Paul Graham essays or of
   a Gutenberg text, then a question about it);
-- `mix`: both, three short requests for each long one.
+- `mix`: both, three short requests for each long one;
+- `chat`: multi-turn conversations, streamed: each user opens with a long context and a
+  question, then for `LOADTEST_CHAT_TURNS` turns (default 6) sends the whole conversation so
+  far (its earlier questions and the server's answers) and a new question with
+  `LOADTEST_CHAT_WORDS` more words of text (default 200), so the prompt grows turn by turn
+  (from about 1.3k to 4k tokens at the defaults) and each turn can reuse the last one's
+  prefix-cached prompt.
 
 Streamed requests also report, as custom locust entries (request type `METRIC`, times in ms):
 `TTFT <name>` (time to the first generated text) and `TPOT <name>` (time per output token
@@ -40,7 +46,7 @@ from locust import HttpUser, between, events
 
 from vllm_entropy_kv import assets
 
-PROFILES = ("short", "long", "mix")
+PROFILES = ("short", "long", "mix", "chat")
 PROFILE = os.environ.get("LOADTEST_PROFILE", "short")
 if PROFILE not in PROFILES:
     raise SystemExit(f"LOADTEST_PROFILE={PROFILE!r}; valid: {', '.join(PROFILES)}")
@@ -51,6 +57,8 @@ KV_BUDGETS = tuple(
     float(b) for b in os.environ.get("LOADTEST_KV_BUDGETS", "").split(",") if b.strip()
 )
 KV_POLICY = os.environ.get("LOADTEST_KV_POLICY", "")
+CHAT_TURNS = int(os.environ.get("LOADTEST_CHAT_TURNS", "6"))
+CHAT_WORDS = int(os.environ.get("LOADTEST_CHAT_WORDS", "200"))
 METRIC = "METRIC"
 TIMEOUT_S = 300
 
@@ -98,10 +106,15 @@ def long_sources() -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple((name, words) for name, words in sources if len(words) > LONG_WORDS)
 
 
-def long_context(rng: random.Random) -> str:
+def words_of_text(rng: random.Random, num_words: int) -> str:
+    """`num_words` consecutive words of one of the real texts, from a random place."""
     _name, words = rng.choice(long_sources())
-    at = rng.randrange(0, len(words) - LONG_WORDS)
-    return " ".join(words[at : at + LONG_WORDS])
+    at = rng.randrange(0, len(words) - num_words)
+    return " ".join(words[at : at + num_words])
+
+
+def long_context(rng: random.Random) -> str:
+    return words_of_text(rng, LONG_WORDS)
 
 
 def report_metric(name: str, value_ms: float) -> None:
@@ -118,17 +131,20 @@ class OpenAIUser(HttpUser):
 
     def on_start(self) -> None:
         self.rng = random.Random()
+        self.conversation: list[dict[str, str]] = []
 
     # --- requests -------------------------------------------------------------------------
 
-    def _body(self, endpoint: str, text: str, stream: bool) -> dict[str, Any]:
+    def _body(self, endpoint: str, text: str | list[dict[str, str]],
+              stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0.7, "stream": stream,
             # An answer may end at once (EOS first); one token keeps TTFT measurable.
             "min_tokens": 1,
         }
         if endpoint == "chat":
-            body["messages"] = [{"role": "user", "content": text}]
+            body["messages"] = text if isinstance(text, list) else [
+                {"role": "user", "content": text}]
         else:
             body["prompt"] = text
         if stream:
@@ -142,8 +158,10 @@ class OpenAIUser(HttpUser):
             body["vllm_xargs"] = kv_settings
         return body
 
-    def request(self, endpoint: str, text: str, stream: bool, label: str) -> None:
-        """POST one request; `label` names its locust entries (e.g. `chat-stream`)."""
+    def request(self, endpoint: str, text: str | list[dict[str, str]], stream: bool,
+                label: str) -> str | None:
+        """POST one request (a prompt, or a chat's messages); `label` names its locust
+        entries (e.g. `chat-stream`). Returns the generated text, None if it failed."""
         path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
         body = self._body(endpoint, text, stream)
         if not stream:
@@ -156,9 +174,13 @@ class OpenAIUser(HttpUser):
                     data = resp.json()
                     if not data["choices"] or data["usage"]["completion_tokens"] < 1:
                         resp.failure("no tokens generated")
+                        return None
+                    choice = data["choices"][0]
+                    return choice["message"]["content"] if endpoint == "chat" \
+                        else choice["text"]
                 except (ValueError, KeyError, TypeError) as e:
                     resp.failure(f"bad response: {e!r}")
-            return
+            return None
 
         start = time.perf_counter()
         with self.client.post(path, json=body, name=label, timeout=TIMEOUT_S, stream=True,
@@ -167,7 +189,7 @@ class OpenAIUser(HttpUser):
                 resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
                 return
             first = last = None
-            pieces = 0
+            pieces: list[str] = []
             usage_tokens = None
             size = 0
             finished = False
@@ -190,24 +212,25 @@ class OpenAIUser(HttpUser):
                             now = time.perf_counter()
                             first = first if first is not None else now
                             last = now
-                            pieces += 1
+                            pieces.append(piece)
             except Exception as e:  # noqa: BLE001 - any broken stream is a failed request
                 resp.failure(f"stream broke: {e!r}")
-                return
+                return None
             end = time.perf_counter()
             # The whole stream, not only the headers, is the request's time.
             resp.request_meta["response_time"] = (end - start) * 1000
             resp.request_meta["response_length"] = size
             if not finished:
                 resp.failure("stream ended without [DONE]")
-                return
+                return None
             if first is None:
                 resp.failure("stream carried no generated text")
-                return
+                return None
         report_metric(f"TTFT {label}", (first - start) * 1000)
-        tokens = usage_tokens or pieces
+        tokens = usage_tokens or len(pieces)
         if tokens > 1 and last is not None and last > first:
             report_metric(f"TPOT {label}", (last - first) * 1000 / (tokens - 1))
+        return "".join(pieces)
 
     # --- tasks ----------------------------------------------------------------------------
 
@@ -239,6 +262,22 @@ class OpenAIUser(HttpUser):
     def long_completion_stream(self) -> None:
         self.request("completion", self._long_text(), True, "long-completion-stream")
 
+    def chat_turn(self) -> None:
+        """The next turn of this user's conversation (a new one after CHAT_TURNS turns)."""
+        question = self.rng.choice(LONG_QUESTIONS)
+        if len(self.conversation) >= 2 * CHAT_TURNS:
+            self.conversation = []
+        if not self.conversation:
+            content = f"{long_context(self.rng)}\n\nQuestion: {question}"
+        else:
+            content = f"More text:\n{words_of_text(self.rng, CHAT_WORDS)}\n\n{question}"
+        self.conversation.append({"role": "user", "content": content})
+        answer = self.request("chat", self.conversation, True, "chat-turn-stream")
+        if answer is None:
+            self.conversation = []  # a failed turn ends the conversation
+            return
+        self.conversation.append({"role": "assistant", "content": answer})
+
 
 SHORT_TASKS = {
     OpenAIUser.short_chat: 1, OpenAIUser.short_chat_stream: 2,
@@ -253,6 +292,7 @@ TASKS = {
     "long": LONG_TASKS,
     # Three short requests for each long one.
     "mix": {**{t: 3 * w for t, w in SHORT_TASKS.items()}, **LONG_TASKS},
+    "chat": {OpenAIUser.chat_turn: 1},
 }
 OpenAIUser.tasks = [task for task, weight in TASKS[PROFILE].items() for _ in range(weight)]
 

@@ -30,12 +30,13 @@ from urllib.parse import urlparse
 
 import requests
 
-from vllm_entropy_kv.launch import VllmServer, free_port, metric
+from vllm_entropy_kv.bench.probes import PeakSampler
+from vllm_entropy_kv.launch import VllmServer, free_port, metric, wait_for_idle_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 REPORTS = ROOT / "reports" / "loadtest"
-PROFILES = ("short", "long", "mix")
+PROFILES = ("short", "long", "mix", "chat")
 MAX_USERS = 64
 MAX_DURATION_S = 24 * 3600
 KV_USAGE = "vllm:kv_cache_usage_perc"
@@ -45,6 +46,8 @@ COUNTERS = {
     "prompt_tokens": "vllm:prompt_tokens_total",
     "preemptions": "vllm:num_preemptions_total",
     "compressed_requests": "vllm_entropy_kv_requests_compressed_total",
+    "prefix_cache_hits": "vllm:prefix_cache_hits_total",
+    "prefix_cache_queries": "vllm:prefix_cache_queries_total",
 }
 RSS_SAMPLE_S = 5.0
 
@@ -185,13 +188,12 @@ def summary(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def wait_idle(url: str, timeout_s: float = 60) -> float:
-    deadline = time.monotonic() + timeout_s
-    usage = metric(url, KV_USAGE)
-    while usage > 0 and time.monotonic() < deadline:
-        time.sleep(1)
-        usage = metric(url, KV_USAGE)
-    return usage
+def usage_after(url: str) -> float | None:
+    """KV usage once the cache went idle (a minute at most); None if the server is gone."""
+    try:
+        return wait_for_idle_cache(url, 60)
+    except requests.RequestException:
+        return None
 
 
 def run(args: argparse.Namespace, url: str, pgid: int | None) -> int:
@@ -212,7 +214,9 @@ def run(args: argparse.Namespace, url: str, pgid: int | None) -> int:
     # Bounded: locust stops itself after the run time; this is the backstop.
     timeout = duration_s + 300
     try:
-        code = subprocess.run(command, env=env, cwd=ROOT, timeout=timeout, check=False).returncode
+        with PeakSampler(url, KV_USAGE) as kv_usage:
+            code = subprocess.run(command, env=env, cwd=ROOT, timeout=timeout,
+                                  check=False).returncode
     except subprocess.TimeoutExpired:
         print(f"locust did not stop within {timeout}s", file=sys.stderr)
         code = 1
@@ -236,6 +240,10 @@ def run(args: argparse.Namespace, url: str, pgid: int | None) -> int:
         "elapsed_s": round(elapsed_s, 1),
         **{key: round(value) for key, value in counted.items()},
         "output_tokens_per_s": round(counted["generated_tokens"] / elapsed_s, 2),
+        "prefix_hit_rate": round(counted["prefix_cache_hits"] / counted["prefix_cache_queries"],
+                                 3) if counted["prefix_cache_queries"] else None,
+        "peak_kv_usage": round(kv_usage.peak, 3),
+        "kv_cache_usage_after": usage_after(url),
     }
     problems = [] if code == 0 else [f"locust exited with {code} (failed requests?)"]
 
@@ -244,11 +252,9 @@ def run(args: argparse.Namespace, url: str, pgid: int | None) -> int:
         result["healthy_after"] = is_healthy
         if not is_healthy:
             problems.append("server not healthy after the soak")
-        else:
-            usage = wait_idle(url, 60)
-            result["kv_cache_usage_after"] = usage
-            if usage > 0:
-                problems.append(f"{KV_USAGE} still {usage} a minute after the end")
+        elif result["kv_cache_usage_after"]:
+            problems.append(f"{KV_USAGE} still {result['kv_cache_usage_after']} a minute "
+                            "after the end")
         if sampler is not None and sampler.samples:
             first, last = sampler.first_and_last_minute_mib()
             result["rss_mib_first_minute"] = round(first, 1)

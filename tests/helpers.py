@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 
 import requests
 
@@ -12,7 +13,7 @@ from vllm_entropy_kv import assets
 from vllm_entropy_kv.assets import SERVED_MODEL_NAME
 from vllm_entropy_kv.engine.setup import COMPRESSION_BLOCK_SIZE as BLOCK
 from vllm_entropy_kv.eval.texts import essays_text
-from vllm_entropy_kv.launch import metric
+from vllm_entropy_kv.launch import metric, wait_for_idle_cache  # noqa: F401 - shared
 from vllm_entropy_kv.policies import Budget
 
 LAYERS = json.loads((assets.prepare_model() / "config.json").read_text())["num_hidden_layers"]
@@ -34,22 +35,20 @@ def complete(url: str, prompt: str, max_tokens: int = 32, **extra) -> dict:
     return response.json()
 
 
+def cold_salt() -> str:
+    """A `cache_salt` no other request has: the request finds nothing in vLLM's prefix cache.
+    Comparisons of outputs send every request cold: in bf16 a prompt partly read from the
+    cache decodes differently from the same prompt computed whole, in stock vLLM too (AMX,
+    32-token blocks, 2026-12-05: one of tests/test_engine.py's three prompts)."""
+    return f"cold-{uuid.uuid4().hex}"
+
+
 def plan_of(url: str, prompt: str) -> tuple[int, dict]:
     """Send `prompt` (4 tokens decoded) and return its token count and the server's plan of
     it: `GET /v1/kv-policy`'s latest compressed request (prompt, budgets, plan digest)."""
     reply = complete(url, prompt, max_tokens=4, ignore_eos=True)
     plan = requests.get(f"{url}/v1/kv-policy", timeout=30).json()["last_request"]
     return reply["usage"]["prompt_tokens"], plan
-
-
-def wait_for_idle_cache(url: str, timeout_s: float = 60) -> float:
-    """Wait until no KV block is in use; return the last usage seen."""
-    deadline = time.monotonic() + timeout_s
-    usage = metric(url, "vllm:kv_cache_usage_perc")
-    while usage > 0 and time.monotonic() < deadline:
-        time.sleep(0.5)
-        usage = metric(url, "vllm:kv_cache_usage_perc")
-    return usage
 
 
 def compressed(prompt_tokens: int, budget: Budget = DEFAULT_BUDGET) -> bool:

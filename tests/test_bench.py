@@ -3,6 +3,8 @@ to real servers; `python -m vllm_entropy_kv.bench --quick` runs them)."""
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 from vllm_entropy_kv.bench.probes import Batch, Cell, Timing
@@ -103,16 +105,32 @@ def test_vllm_bench_table_reads_the_clients_saved_results() -> None:
     from vllm_entropy_kv.bench.vllm_client import ClientRun, Comparison, Workload, \
         comparison_table
 
+    def run(name: str, peak_kv_usage: float) -> ClientRun:
+        return ClientRun(json.loads((DATA / name).read_text()), {
+            "peak_running": 4, "preemptions": 0, "prefix_hit_rate": 0.0,
+            "peak_kv_usage": peak_kv_usage, "idle_kv_usage": 0.0})
+
     comparison = Comparison()
-    comparison.runs[("stock", "random")] = ClientRun.load(DATA / "vllm-bench-stock.json", 4, 0)
-    comparison.runs[("entropy@0.25", "random")] = ClientRun.load(
-        DATA / "vllm-bench-entropy.json", 4, 0)
+    comparison.runs[("stock", "random")] = run("vllm-bench-stock.json", 0.8)
+    comparison.runs[("entropy@0.25", "random")] = run("vllm-bench-entropy.json", 0.2)
     text = comparison_table(comparison, [Workload("random", 500, 64, 4, 4, 2560)], 0.25)
     stock_row, entropy_row = text.splitlines()[2:]
     assert stock_row.startswith("| stock | random | 4/4 | 42.64 (1.00x) | 2.22 (1.00x) |")
     # output tok/s 43.65/42.64, mean TTFT 2.65/2.22 s, mean TPOT 50.8/59.9 ms
     assert "43.65 (1.02x)" in entropy_row and "2.65 (1.20x)" in entropy_row
     assert "50.8 (0.85x)" in entropy_row and "| 4 (1.00x) | 0 (–) |" in entropy_row
+    assert entropy_row.endswith("| 0.00 (–) | 0.20 (0.25x) | 0.00 (–) |")
+
+
+def test_the_prefix_workload_drives_vllms_prefix_repetition_dataset() -> None:
+    from vllm_entropy_kv.bench.vllm_client import Workload
+
+    prefix = Workload("prefix", 200, 64, 32, 8, 25000, prefix_len=2000, num_prefixes=4)
+    args = prefix.client_args()
+    assert args[args.index("--dataset-name") + 1] == "prefix_repetition"
+    assert args[args.index("--prefix-repetition-prefix-len") + 1] == "2000"
+    assert args[args.index("--prefix-repetition-suffix-len") + 1] == "200"
+    assert prefix.pool_requests == 25000 / 2304  # 2,264 tokens in 128-token blocks
 
 
 def test_stock_server_log_must_show_vllms_scheduling_defaults() -> None:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from helpers import complete, own_counter, prompt_of_words, wait_for_own_counter
+from helpers import cold_salt, complete, own_counter, prompt_of_words, wait_for_own_counter
 from servers import LOG_DIR, TEST_KV_GIB
 
 from vllm_entropy_kv.launch import VllmServer, free_port
@@ -75,10 +75,10 @@ def test_compiled_keep_all_budget_is_token_identical_to_none(compiled_server) ->
     cache."""
     url = compiled_server.url
     before = own_counter(url, MetricName.REQUESTS)
-    kept = [complete(url, p, max_tokens=48, ignore_eos=True, vllm_xargs={"kv_budget": 1.0})
-            for p in PROMPTS]
-    plain = [complete(url, p, max_tokens=48, ignore_eos=True, vllm_xargs={"kv_policy": "none"})
-             for p in PROMPTS]
+    kept = [complete(url, p, max_tokens=48, ignore_eos=True, vllm_xargs={"kv_budget": 1.0},
+                     cache_salt=cold_salt()) for p in PROMPTS]
+    plain = [complete(url, p, max_tokens=48, ignore_eos=True, vllm_xargs={"kv_policy": "none"},
+                      cache_salt=cold_salt()) for p in PROMPTS]
     print("prompt tokens:", [r["usage"]["prompt_tokens"] for r in kept])
     for reply in kept:
         print(f"  {reply['choices'][0]['text']!r}")

@@ -16,6 +16,7 @@ from helpers import (
     BLOCK,
     DEFAULT_BUDGET,
     LAYERS,
+    cold_salt,
     complete,
     compressed,
     kept_blocks,
@@ -42,8 +43,8 @@ PROMPTS = [prompt_of_words(40), prompt_of_words(1000, 2000), prompt_of_words(180
 def greedy_texts(url: str, **extra) -> list[str]:
     """48 greedy tokens of each prompt; `ignore_eos`: in bf16 the long prompts' first token is
     EOS, and 47 tokens decoded over the (compacted) cache are what the comparisons are for."""
-    return [complete(url, p, max_tokens=48, ignore_eos=True, **extra)["choices"][0]["text"]
-            for p in PROMPTS]
+    return [complete(url, p, max_tokens=48, ignore_eos=True, cache_salt=cold_salt(),
+                     **extra)["choices"][0]["text"] for p in PROMPTS]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +70,8 @@ def test_keep_all_budget_goes_through_compaction_and_is_token_identical_to_none(
     names = (MetricName.REQUESTS, MetricName.PROMPT_TOKENS, MetricName.TOKENS_KEPT,
              MetricName.TOKENS_EVICTED, MetricName.FREED_BLOCKS)
     before = {name: own_counter(url, name) for name in names}
-    replies = [complete(url, p, max_tokens=48, ignore_eos=True, vllm_xargs={"kv_budget": 1.0})
-               for p in PROMPTS]
+    replies = [complete(url, p, max_tokens=48, ignore_eos=True, vllm_xargs={"kv_budget": 1.0},
+                        cache_salt=cold_salt()) for p in PROMPTS]
     prompt_tokens = [r["usage"]["prompt_tokens"] for r in replies]
     expected = [t for t in prompt_tokens if compressed(t)]
     assert len(expected) == 2, prompt_tokens  # the short prompt is left alone

@@ -10,13 +10,12 @@ gives, which bf16's rounding does not promise when the prompt is computed in oth
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import complete, own_counter, prompt_of_words, wait_for_idle_cache
+from helpers import cold_salt, complete, own_counter, prompt_of_words, wait_for_idle_cache
 from helpers import wait_for_own_counter
 from servers import start_server
 
@@ -34,13 +33,6 @@ QUESTIONS = [
     "\n\nQuestion: who is the author writing for?\nAnswer:",
     "\n\nQuestion: summarise the last paragraph in one sentence.\nAnswer:",
 ]
-_salts = itertools.count()
-
-
-def cold_salt() -> str:
-    return f"cold-{next(_salts)}"
-
-
 def text(url: str, prompt: str, salt: str, max_tokens: int = 24, **xargs) -> str:
     reply = complete(url, prompt, max_tokens=max_tokens, ignore_eos=True, cache_salt=salt,
                      **({"vllm_xargs": xargs} if xargs else {}))

@@ -75,6 +75,17 @@ def metric(url: str, name: str, label: str = "") -> float:
     return total
 
 
+def wait_for_idle_cache(url: str, timeout_s: float = 60) -> float:
+    """Wait until no KV block is in use (`vllm:kv_cache_usage_perc`, a fraction despite its
+    name, back to 0); return the last usage seen."""
+    deadline = time.monotonic() + timeout_s
+    usage = metric(url, "vllm:kv_cache_usage_perc")
+    while usage > 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        usage = metric(url, "vllm:kv_cache_usage_perc")
+    return usage
+
+
 def vllm_executable() -> str:
     beside_python = Path(sys.executable).with_name("vllm")
     return str(beside_python) if beside_python.exists() else shutil.which("vllm") or "vllm"

@@ -11,7 +11,9 @@ each is reported as a ratio to `none`. Progress goes to stderr; `--quick` shrink
 `--stages vllm-bench` (not in the default list: four servers and four `vllm bench serve` runs,
 about half an hour at the issue's sizes on 2 cores) compares stock vLLM with its defaults
 against `--kv-policy entropy` at the same KV memory through vLLM's own client, in its own
-section (`vllm_entropy_kv.bench.vllm_client`).
+section (`vllm_entropy_kv.bench.vllm_client`). `--stages prefix-cache` (not in the default
+list either) runs the same two servers on vLLM's `prefix_repetition` dataset, prefix caching
+on in both, into its own section and a plot of KV usage and hit rate over time.
 
 Perplexity is scored by teacher forcing (`vllm_entropy_kv.forced_tokens`), not with prompt
 logprobs: those are computed during the prefill, before compression, and would show nothing.
@@ -49,7 +51,8 @@ LOGS = ROOT / "reports" / "bench"
 COMPRESSING = ("entropy", "entropy-merge", "src", "streaming", "snapkv", "pyramid")
 SUMMARISING = ("entropy-merge", "src")  # policies whose summary tokens take the merge bias
 STAGES = ("main", "perplexity", "capacity")
-ALL_STAGES = STAGES + ("vllm-bench",)
+ALL_STAGES = STAGES + ("vllm-bench", "prefix-cache")
+PREFIX_PLOT = ROOT / "docs" / "img" / "prefix_cache.png"
 
 
 class Progress:
@@ -160,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "perplexity": len(cells + unbiased),
         "capacity": len(args.capacity_budgets) + 1,
         "vllm-bench": 2 * len(vllm_client.workloads(args)),  # stock and entropy each
+        "prefix-cache": 2,
     }
     progress = Progress(sum(steps[stage] for stage in args.stages))
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -217,6 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         vllm_client.measure(comparison, workloads, args.vllm_bench_budget,
                             args.vllm_bench_warmups, LOGS, progress.step)
 
+    prefix_comparison = vllm_client.Comparison()
+    prefix_workloads = [vllm_client.prefix_workload(args)]
+
+    def prefix_cache_stage(_url: str) -> None:
+        vllm_client.measure(prefix_comparison, prefix_workloads, args.vllm_bench_budget,
+                            args.vllm_bench_warmups, LOGS, progress.step)
+
     command = "python -m vllm_entropy_kv.bench " + " ".join(
         argv if argv is not None else sys.argv[1:])
     failures: dict[str, str] = {}
@@ -230,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bench": ("main", "capacity"),
             "bench-perplexity": ("perplexity",),
             "bench-vllm": ("vllm-bench",),
+            "bench-prefix-cache": ("prefix-cache",),
         }
         texts = {
             "bench": lambda: render(args, results, cells, sweep, headline + unbiased, header),
@@ -238,6 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bench-vllm": lambda: vllm_client.render(
                 comparison, workloads, args.vllm_bench_budget, command.strip(), started,
                 default_dtype(), args.vllm_bench_warmups),
+            "bench-prefix-cache": lambda: vllm_client.render(
+                prefix_comparison, prefix_workloads, args.vllm_bench_budget, command.strip(),
+                started, default_dtype(), args.vllm_bench_warmups),
         }
         printed = []
         for section, its_stages in sections.items():
@@ -254,6 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if section == "bench":
                     report.plot(results, cells, args.lengths, PLOT)
                     text += f"\n\n![bench]({PLOT.relative_to(DOCS.parent)})"
+                if section == "bench-prefix-cache" and prefix_comparison.runs:
+                    vllm_client.plot_over_time(prefix_comparison, prefix_workloads[0],
+                                               args.vllm_bench_budget, PREFIX_PLOT)
+                    text += f"\n\n![prefix cache]({PREFIX_PLOT.relative_to(DOCS.parent)})"
                 write_section(DOCS, section, text)
         if not args.no_docs:
             print(f"[bench] written to {DOCS}", file=sys.stderr, flush=True)
@@ -281,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
          [("capacity", capacity_stage)]),
         # Starts its own servers (stock and entropy, one pool per workload).
         ("vllm-bench", None, None, None, [("vllm-bench", vllm_bench_stage)]),
+        ("prefix-cache", None, None, None, [("prefix-cache", prefix_cache_stage)]),
     ]
     for name, url, flags, kv_gib, stages in servers:
         chosen = [(stage, measure) for stage, measure in stages if stage in args.stages]

@@ -108,18 +108,22 @@ def timed_completion(url: str, prompt: str, cell: Cell, max_tokens: int) -> Timi
 
 
 class PeakSampler:
-    """Samples a gauge in the background and keeps its peak."""
+    """Samples a metric in the background: its peak, and (seconds since start, value)."""
 
     def __init__(self, url: str, name: str, period_s: float = 0.25) -> None:
         self.url, self.name, self.period_s = url, name, period_s
         self.peak = 0.0
+        self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        started = time.monotonic()
         while not self._stop.is_set():
             try:
-                self.peak = max(self.peak, metric(self.url, self.name))
+                value = metric(self.url, self.name)
+                self.samples.append((time.monotonic() - started, value))
+                self.peak = max(self.peak, value)
             except requests.RequestException:
                 pass
             self._stop.wait(self.period_s)

@@ -21,8 +21,15 @@ from pathlib import Path
 
 from vllm_entropy_kv import assets
 from vllm_entropy_kv.bench import report
-from vllm_entropy_kv.bench.probes import PeakSampler
-from vllm_entropy_kv.launch import VllmServer, free_port, metric, pool_flags, vllm_executable
+from vllm_entropy_kv.bench.probes import KV_USAGE, PeakSampler
+from vllm_entropy_kv.launch import (
+    VllmServer,
+    free_port,
+    metric,
+    pool_flags,
+    vllm_executable,
+    wait_for_idle_cache,
+)
 
 # vLLM 0.32's CPU block size when none is given (vllm/platforms/cpu.py); the stock server
 # gets it explicitly only so that its pool can be sized in blocks of the same bytes.
@@ -32,7 +39,10 @@ SEED = 7
 
 @dataclass(frozen=True)
 class Workload:
-    """One `vllm bench serve` random workload and the KV pool (tokens of full KV) it runs in."""
+    """One `vllm bench serve` workload and the KV pool (tokens of full KV) it runs in: random
+    prompts of `input_len` tokens, or, with `prefix_len`, vLLM's `prefix_repetition` dataset
+    (`num_prefixes` shared prefixes, each prompt one of them and a random `input_len`-token
+    suffix)."""
 
     name: str
     input_len: int
@@ -40,17 +50,28 @@ class Workload:
     num_prompts: int
     max_concurrency: int
     kv_tokens: int
+    prefix_len: int = 0
+    num_prefixes: int = 0
+
+    def dataset_args(self) -> list[str]:
+        if self.prefix_len:
+            return ["--dataset-name", "prefix_repetition",
+                    "--prefix-repetition-prefix-len", str(self.prefix_len),
+                    "--prefix-repetition-suffix-len", str(self.input_len),
+                    "--prefix-repetition-num-prefixes", str(self.num_prefixes),
+                    "--prefix-repetition-output-len", str(self.output_len)]
+        return ["--dataset-name", "random", "--random-input-len", str(self.input_len),
+                "--random-output-len", str(self.output_len)]
 
     def client_args(self) -> list[str]:
-        return ["--dataset-name", "random", "--random-input-len", str(self.input_len),
-                "--random-output-len", str(self.output_len),
-                "--num-prompts", str(self.num_prompts),
+        return [*self.dataset_args(), "--num-prompts", str(self.num_prompts),
                 "--max-concurrency", str(self.max_concurrency)]
 
     @property
     def pool_requests(self) -> float:
         """Requests of this workload the pool holds uncompressed, in stock's blocks."""
-        return self.kv_tokens / request_tokens(self.input_len, self.output_len)
+        return self.kv_tokens / request_tokens(self.prefix_len + self.input_len,
+                                               self.output_len)
 
 
 def request_tokens(input_len: int, output_len: int) -> int:
@@ -76,6 +97,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the memory-pressure pool holds this many requests uncompressed")
     group.add_argument("--vllm-bench-workloads", default="random,pressure",
                        help="comma-separated, of random, pressure")
+    prefix = parser.add_argument_group(
+        "prefix-cache stage", "the same two servers, prefix caching on in both (vLLM's "
+        "default), on vLLM's prefix_repetition dataset in the unpressured pool's memory; "
+        "output length, concurrency and budget are the vllm-bench stage's")
+    prefix.add_argument("--prefix-cache-prefix-len", type=int, default=2000)
+    prefix.add_argument("--prefix-cache-suffix-len", type=int, default=200)
+    prefix.add_argument("--prefix-cache-prefixes", type=int, default=4)
+    prefix.add_argument("--prefix-cache-prompts", type=int, default=32)
     group.add_argument("--vllm-bench-warmups", type=int, default=1,
                        help="`vllm bench serve --num-warmups`: one-time costs (first "
                        "kernels, imports) stay out of the measured run")
@@ -92,6 +121,16 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
                  args.vllm_bench_pressure_prompts, args.vllm_bench_pressure_concurrency,
                  per_request * args.vllm_bench_pressure_pool_requests),
     ] if w.name in chosen]
+
+
+def prefix_workload(args: argparse.Namespace) -> Workload:
+    per_request = request_tokens(args.prefix_cache_prefix_len + args.prefix_cache_suffix_len,
+                                 args.vllm_bench_output_len)
+    return Workload("prefix", args.prefix_cache_suffix_len, args.vllm_bench_output_len,
+                    args.prefix_cache_prompts, args.vllm_bench_concurrency,
+                    per_request * args.vllm_bench_pool_requests,
+                    prefix_len=args.prefix_cache_prefix_len,
+                    num_prefixes=args.prefix_cache_prefixes)
 
 
 @dataclass(frozen=True)
@@ -118,19 +157,20 @@ def sides(budget: float) -> tuple[Side, Side]:
 
 @dataclass(frozen=True)
 class ClientRun:
-    """What `vllm bench serve` saved, with what /metrics showed while it ran."""
+    """What `vllm bench serve` saved, with what /metrics showed while it ran: the result's
+    keys, and `peak_running`, `preemptions`, `prefix_hit_rate` (vLLM's prefix-cache hits /
+    queries over the run), `peak_kv_usage`, `idle_kv_usage` (after the run) as keys too."""
 
     result: dict
-    peak_running: int
-    preemptions: int
-
-    @classmethod
-    def load(cls, path: Path, peak_running: int, preemptions: int) -> ClientRun:
-        """The JSON `vllm bench serve --save-result` wrote at `path`."""
-        return cls(json.loads(path.read_text()), peak_running, preemptions)
+    probes: dict[str, float]
+    # (seconds, value) while the client ran: KV usage, prefix-cache hits and queries.
+    series: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> float:
-        return float(self.result[key])
+        return float(self.probes[key] if key in self.probes else self.result[key])
+
+
+PREFIX_HITS, PREFIX_QUERIES = "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"
 
 
 # Columns of the table: (header, result key, scale to shown unit, decimals).
@@ -141,6 +181,11 @@ COLUMNS = (
     ("mean TPOT ms", "mean_tpot_ms", 1.0, 1),
     ("mean ITL ms", "mean_itl_ms", 1.0, 1),
     ("p99 ITL ms", "p99_itl_ms", 1.0, 1),
+    ("peak running", "peak_running", 1.0, 0),
+    ("preemptions", "preemptions", 1.0, 0),
+    ("prefix hit rate", "prefix_hit_rate", 1.0, 2),
+    ("peak KV usage", "peak_kv_usage", 1.0, 2),
+    ("KV usage after", "idle_kv_usage", 1.0, 2),
 )
 
 
@@ -164,17 +209,30 @@ def client_command(url: str, workload: Workload, result_path: Path, warmups: int
 def run_client(url: str, workload: Workload, result_path: Path, warmups: int,
                log_path: Path) -> ClientRun:
     """`vllm bench serve` against `url`, its output in `log_path`, its JSON at `result_path`."""
-    preempted = metric(url, "vllm:num_preemptions_total")
+    before = {name: metric(url, name) for name in (
+        "vllm:num_preemptions_total", PREFIX_HITS, PREFIX_QUERIES)}
     command = client_command(url, workload, result_path, warmups)
     result_path.unlink(missing_ok=True)
-    with PeakSampler(url, "vllm:num_requests_running") as running, log_path.open("w") as log:
+    with PeakSampler(url, "vllm:num_requests_running") as running, \
+            PeakSampler(url, KV_USAGE) as usage, PeakSampler(url, PREFIX_HITS) as hits, \
+            PeakSampler(url, PREFIX_QUERIES) as queries, log_path.open("w") as log:
         finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False,
                                   env=client_environment())
     if finished.returncode != 0 or not result_path.exists():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
         raise RuntimeError(f"vllm bench serve exited with {finished.returncode}:\n{tail}")
-    return ClientRun.load(result_path, int(running.peak),
-                          int(metric(url, "vllm:num_preemptions_total") - preempted))
+    delta = {name: metric(url, name) - value for name, value in before.items()}
+    probes = {
+        "peak_running": running.peak,
+        "preemptions": delta["vllm:num_preemptions_total"],
+        "prefix_hit_rate": delta[PREFIX_HITS] / delta[PREFIX_QUERIES]
+        if delta[PREFIX_QUERIES] else 0.0,
+        "peak_kv_usage": usage.peak,
+        "idle_kv_usage": wait_for_idle_cache(url),
+    }
+    series = {KV_USAGE: usage.samples, PREFIX_HITS: hits.samples,
+              PREFIX_QUERIES: queries.samples}
+    return ClientRun(json.loads(result_path.read_text()), probes, series)
 
 
 def client_environment() -> dict[str, str]:
@@ -249,11 +307,8 @@ def comparison_table(comparison: Comparison, workloads: Sequence[Workload],
                 side.label, workload.name, f"{int(run['completed'])}/{workload.num_prompts}",
                 *[_cell(run[key] * scale, base and base[key] * scale, decimals)
                   for _, key, scale, decimals in COLUMNS],
-                _cell(run.peak_running, base and base.peak_running, 0),
-                _cell(run.preemptions, base and base.preemptions, 0),
             ])
-    return report.table(["server", "workload", "completed", *[c[0] for c in COLUMNS],
-                         "peak running", "preemptions"], rows)
+    return report.table(["server", "workload", "completed", *[c[0] for c in COLUMNS]], rows)
 
 
 def render(comparison: Comparison, workloads: Sequence[Workload], budget: float, command: str,
@@ -262,14 +317,15 @@ def render(comparison: Comparison, workloads: Sequence[Workload], budget: float,
 
     stock_layout = report.attention_layout(dtype, STOCK_BLOCK_SIZE)
     workload_lines = [
-        f"- **{w.name}**: `vllm bench serve --backend openai --dataset-name random "
-        f"--random-input-len {w.input_len} --random-output-len {w.output_len} --num-prompts "
-        f"{w.num_prompts} --max-concurrency {w.max_concurrency} --seed {SEED} --num-warmups "
-        f"{warmups}` (ignore_eos, vLLM's default for random prompts), KV pool of {w.kv_tokens} "
-        f"tokens of full KV ({w.pool_requests:g} requests uncompressed)"
+        f"- **{w.name}**: `vllm bench serve --backend openai {' '.join(w.client_args())} "
+        f"--seed {SEED} --num-warmups {warmups}` (ignore_eos, vLLM's default for random "
+        f"prompts), KV pool of {w.kv_tokens} tokens of full KV ({w.pool_requests:g} requests "
+        "uncompressed)"
         for w in workloads]
     return "\n".join([
-        "## Stock vLLM against `--kv-policy entropy`, with vLLM's own client",
+        ("## Prefix caching: stock vLLM against `--kv-policy entropy`, with vLLM's own client"
+         if any(w.prefix_len for w in workloads) else
+         "## Stock vLLM against `--kv-policy entropy`, with vLLM's own client"),
         "",
         f"`{command}`, started {started}; "
         f"{report.machine_description(dtype, COMPRESSION_BLOCK_SIZE)}; stock runs vLLM's CPU "
@@ -280,9 +336,13 @@ def render(comparison: Comparison, workloads: Sequence[Workload], budget: float,
         "`max_num_batched_tokens`, block size) and "
         f"**entropy@{budget:g}** `--kv-policy entropy --kv-budget {budget:g}` (32-token blocks, "
         "one KV cache group per layer; prefix caching on since 2026-12-05). Each cell is the value and, in "
-        "brackets, its ratio to stock on the same workload. Peak running: "
-        "`vllm:num_requests_running` sampled every 0.25 s; preemptions: "
-        "`vllm:num_preemptions_total` over the run.",
+        "brackets, its ratio to stock on the same workload. Peak running and peak KV usage: "
+        "`vllm:num_requests_running` and `vllm:kv_cache_usage_perc` (a fraction of the pool; "
+        "vLLM counts cached free blocks as free) sampled every 0.25 s; preemptions: "
+        "`vllm:num_preemptions_total` over the run; prefix hit rate: "
+        "`vllm:prefix_cache_hits` / `vllm:prefix_cache_queries` over the run (warm-ups "
+        "included); KV usage after: once the run ended and the cache went idle (60 s at "
+        "most).",
         "",
         *workload_lines,
         "",
@@ -290,3 +350,37 @@ def render(comparison: Comparison, workloads: Sequence[Workload], budget: float,
         "",
         comparison_table(comparison, workloads, budget),
     ])
+
+
+def plot_over_time(comparison: Comparison, workload: Workload, budget: float,
+                   path: Path) -> None:
+    """KV usage and the prefix-cache hit rate so far, against time, for both servers on one
+    workload (docs/img/)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (usage_ax, hits_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for side in sides(budget):
+        run = comparison.runs.get((side.label, workload.name))
+        if run is None:
+            continue
+        times, usage = zip(*run.series[KV_USAGE]) if run.series[KV_USAGE] else ((), ())
+        usage_ax.plot(times, usage, label=side.label)
+        hits, queries = run.series[PREFIX_HITS], run.series[PREFIX_QUERIES]
+        if hits and queries:
+            h0, q0 = hits[0][1], queries[0][1]
+            rate = [((t, (h - h0) / (q - q0))) for (t, h), (_, q) in zip(hits, queries)
+                    if q > q0]
+            if rate:
+                hits_ax.plot(*zip(*rate), label=side.label)
+    usage_ax.set_ylabel("vllm:kv_cache_usage_perc")
+    hits_ax.set_ylabel("prefix hit rate so far")
+    hits_ax.set_xlabel("seconds since the client started")
+    usage_ax.legend()
+    usage_ax.set_title(f"{workload.name}: stock vLLM and entropy@{budget:g}, same KV memory")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
