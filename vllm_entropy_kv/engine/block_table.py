@@ -30,6 +30,11 @@ class Swap:
     cached_blocks_released: int  # released originals still in the prefix cache
 
 
+def has_blocks(manager: Any, req_id: str) -> bool:
+    """Whether the request holds blocks in that group (running, not preempted or finished)."""
+    return req_id in manager.req_to_blocks
+
+
 def holds(manager: Any, req_id: str, block_ids: list[int]) -> bool:
     """Whether `block_ids` still lead the request's block list in that group (not preempted,
     finished or reallocated since they were given)."""

@@ -25,13 +25,19 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 
-from vllm_entropy_kv.config import KVPolicyConfig, KVPolicyConfigError
-from vllm_entropy_kv.engine.block_table import holds, limit_prefix_hits, swap_in_kept_blocks
+from vllm_entropy_kv.config import KVPolicyConfig
+from vllm_entropy_kv.engine.block_table import (
+    has_blocks,
+    holds,
+    limit_prefix_hits,
+    swap_in_kept_blocks,
+)
 from vllm_entropy_kv.engine.spec import LayerFullAttentionSpec
 from vllm_entropy_kv.engine.worker import (
     CompressionReport,
     compressible_tokens,
     compression_worker,
+    settings_of_request,
     window_start,
 )
 from vllm_entropy_kv.metrics import EntropyKVPromMetrics, EntropyKVStats, build_stats
@@ -128,7 +134,7 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
         self._dropped: set[str] = set()
         if role == KVConnectorRole.WORKER:
             compression_worker().configure(
-                self.config, vllm_config.cache_config.block_size, len(self.group_of_layer),
+                self.config, self.block_size, len(self.group_of_layer),
                 vllm_config.model_config.get_total_num_kv_heads(),
             )
 
@@ -188,15 +194,9 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
         limit_prefix_hits(kv_cache_manager, self._allowed_prefix_hit)
 
     def _request_config(self, request: Request) -> KVPolicyConfig:
-        """The server's settings with the request's own on top (the API server refused
-        invalid ones; the worker falls back the same way)."""
         if (known := self._request_configs.get(request.request_id)) is None:
-            params = request.sampling_params
-            try:
-                known = self.config.for_request(getattr(params, "extra_args", None))
-            except KVPolicyConfigError:
-                known = self.config
-            self._request_configs[request.request_id] = known
+            known = self._request_configs[request.request_id] = settings_of_request(
+                self.config, request.request_id, request.sampling_params)
         return known
 
     def _allowed_prefix_hit(self, request: Request, num_hit_tokens: int) -> int:
@@ -249,7 +249,7 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
             swap = swap_in_kept_blocks(managers, pool, req_id,
                                        report.num_tokens // self.block_size, kept)
             if swap is None:
-                if req_id in managers[next(iter(kept))].req_to_blocks:
+                if has_blocks(managers[next(iter(kept))], req_id):
                     logger.warning("vllm-entropy-kv: %s: no free blocks for its %d kept "
                                    "blocks; left uncompressed", req_id, sum(kept.values()))
                 self._dropped.add(req_id)

@@ -215,22 +215,13 @@ class CompressionWorker:
         return list(runner.input_batch.req_ids[:num_reqs])
 
     def request_config(self, req_id: str) -> KVPolicyConfig:
-        """The server's settings with the request's `kv_*` extra args on top. The API server
-        answers invalid ones with HTTP 400; a request that reaches the engine some other way
-        with invalid settings gets the server's, with a warning, rather than failing the batch.
-        """
         assert self.config is not None
         # Every layer's metadata builder asks; a request's settings never change.
-        if (known := self.request_configs.get(req_id)) is not None:
-            return known
-        params = getattr(self._request_state(req_id), "sampling_params", None)
-        try:
-            config = self.config.for_request(getattr(params, "extra_args", None))
-        except KVPolicyConfigError as e:
-            logger.warning("vllm-entropy-kv: %s: %s; using the server's settings", req_id, e)
-            config = self.config
-        self.request_configs[req_id] = config
-        return config
+        if (known := self.request_configs.get(req_id)) is None:
+            params = getattr(self._request_state(req_id), "sampling_params", None)
+            known = self.request_configs[req_id] = settings_of_request(self.config, req_id,
+                                                                      params)
+        return known
 
     def compressible_tokens(self, prompt_tokens: int, config: KVPolicyConfig) -> int:
         return compressible_tokens(prompt_tokens, config, self.block_size)
@@ -324,9 +315,9 @@ class CompressionWorker:
         distinct = torch.unique(reads, dim=0)
         ids, counts = torch.unique(distinct[:, 0], return_counts=True)
         bad = set(ids[counts > 1].tolist())
-        kept_ids, kept_reads = torch.unique(reads[:, 0], return_counts=True)
+        read_ids, read_counts = torch.unique(reads[:, 0], return_counts=True)
         private = set(reads[reads[:, 2] < 0, 0].tolist())
-        bad |= private & set(kept_ids[kept_reads > 1].tolist())
+        bad |= private & set(read_ids[read_counts > 1].tolist())
         if bad:
             readers = [(req, layer) for req, layer, b, _ in noted if bad & set(b.tolist())]
             raise BlockOwnershipError(
@@ -451,6 +442,18 @@ class CompressionWorker:
     def take_reports(self) -> dict[str, CompressionReport]:
         reports, self.reports = self.reports, {}
         return reports
+
+
+def settings_of_request(server: KVPolicyConfig, req_id: str,
+                        sampling_params: Any) -> KVPolicyConfig:
+    """The server's settings with the request's `kv_*` extra args on top. The API server
+    answers invalid ones with HTTP 400; a request that reaches the engine some other way with
+    invalid settings gets the server's, with a warning, rather than failing the batch."""
+    try:
+        return server.for_request(getattr(sampling_params, "extra_args", None))
+    except KVPolicyConfigError as e:
+        logger.warning("vllm-entropy-kv: %s: %s; using the server's settings", req_id, e)
+        return server
 
 
 def compressible_tokens(prompt_tokens: int, config: KVPolicyConfig, block_size: int) -> int:
