@@ -4,8 +4,9 @@ to real servers; `python -m vllm_entropy_kv.bench --quick` runs them)."""
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
+
+import pytest
 
 from vllm_entropy_kv.bench.probes import Batch, Cell, Timing
 from vllm_entropy_kv.bench.report import (
@@ -103,7 +104,7 @@ def test_vllm_bench_table_reads_the_clients_saved_results() -> None:
     """Results saved by a real `vllm bench serve` (4 random 500-token prompts, 64 output
     tokens, --max-concurrency 4) against a stock and an entropy@0.25 server."""
     from vllm_entropy_kv.bench.vllm_client import ClientRun, Comparison, Workload, \
-        comparison_table
+        comparison_table, rounds_table
 
     def run(name: str, peak_kv_usage: float) -> ClientRun:
         return ClientRun(json.loads((DATA / name).read_text()), {
@@ -111,15 +112,35 @@ def test_vllm_bench_table_reads_the_clients_saved_results() -> None:
             "peak_kv_usage": peak_kv_usage, "idle_kv_usage": 0.0})
 
     comparison = Comparison()
-    comparison.runs[("stock", "random")] = run("vllm-bench-stock.json", 0.8)
-    comparison.runs[("entropy@0.25", "random")] = run("vllm-bench-entropy.json", 0.2)
-    text = comparison_table(comparison, [Workload("random", 500, 64, 4, 4, 2560)], 0.25)
+    comparison.add("stock", "random", run("vllm-bench-stock.json", 0.8))
+    comparison.add("entropy@0.25", "random", run("vllm-bench-entropy.json", 0.2))
+    workloads = [Workload("random", 500, 64, 4, 4, 2560)]
+    text = comparison_table(comparison, workloads, 0.25)
     stock_row, entropy_row = text.splitlines()[2:]
     assert stock_row.startswith("| stock | random | 4/4 | 42.64 (1.00x) | 2.22 (1.00x) |")
     # output tok/s 43.65/42.64, mean TTFT 2.65/2.22 s, mean TPOT 50.8/59.9 ms
     assert "43.65 (1.02x)" in entropy_row and "2.65 (1.20x)" in entropy_row
     assert "50.8 (0.85x)" in entropy_row and "| 4 (1.00x) | 0 (–) |" in entropy_row
     assert entropy_row.endswith("| 0.00 (–) | 0.20 (0.25x) | 0.00 (–) |")
+
+    # A second round: cells are medians over the rounds, each round's ratio is listed.
+    comparison.add("stock", "random", run("vllm-bench-entropy.json", 0.8))
+    comparison.add("entropy@0.25", "random", run("vllm-bench-stock.json", 0.2))
+    stock_row, entropy_row = comparison_table(comparison, workloads, 0.25).splitlines()[2:]
+    assert stock_row.startswith("| stock | random | 8/8 | 43.14 (1.00x) | 2.43 (1.00x) |")
+    rounds = rounds_table(comparison, workloads, 0.25)
+    ttft = next(line for line in rounds.splitlines() if "| mean TTFT s |" in line)
+    assert "| 1.20, 0.84 | 1.00x [" in ttft  # 2.65/2.22 and back: a geometric mean of 1
+
+
+def test_geometric_mean_interval_of_paired_ratios() -> None:
+    from vllm_entropy_kv.bench.report import geometric_mean_interval
+
+    assert geometric_mean_interval([1.2]) == pytest.approx((1.2, 1.2, 1.2))
+    mean, low, high = geometric_mean_interval([1.1, 1.2, 1.3])
+    # log-ratios 0.0953, 0.1823, 0.2624: mean 0.1800, sd 0.0836, t(2) 4.303
+    assert mean == pytest.approx(1.1972, abs=1e-3)
+    assert (low, high) == pytest.approx((0.9728, 1.4734), abs=1e-3)
 
 
 def test_the_prefix_workload_drives_vllms_prefix_repetition_dataset() -> None:

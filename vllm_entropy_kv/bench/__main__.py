@@ -8,8 +8,8 @@ all cells, `none` included, run side by side on the same server, scheduling and 
 each is reported as a ratio to `none`. Progress goes to stderr; `--quick` shrinks the grid;
 `--stages` picks stages (the perplexity stage writes its own section of the page).
 
-`--stages vllm-bench` (not in the default list: four servers and four `vllm bench serve` runs,
-about half an hour at the issue's sizes on 2 cores) compares stock vLLM with its defaults
+`--stages vllm-bench` (not in the default list: four servers and four `vllm bench serve` runs
+per round, `--vllm-bench-rounds` of them, 3 by default, alternating the servers) compares stock vLLM with its defaults
 against `--kv-policy entropy` at the same KV memory through vLLM's own client, in its own
 section (`vllm_entropy_kv.bench.vllm_client`). `--stages prefix-cache` (not in the default
 list either) runs the same two servers on vLLM's `prefix_repetition` dataset, prefix caching
@@ -162,8 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "main": len(sweep) * len(args.lengths) + len(cells) + 2 + len([none] + headline + unbiased),
         "perplexity": len(cells + unbiased),
         "capacity": len(args.capacity_budgets) + 1,
-        "vllm-bench": 2 * len(vllm_client.workloads(args)),  # stock and entropy each
-        "prefix-cache": 2,
+        # Stock and entropy, each round.
+        "vllm-bench": 2 * len(vllm_client.workloads(args)) * args.vllm_bench_rounds,
+        "prefix-cache": 2 * args.vllm_bench_rounds,
     }
     progress = Progress(sum(steps[stage] for stage in args.stages))
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -219,14 +220,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def vllm_bench_stage(_url: str) -> None:
         vllm_client.measure(comparison, workloads, args.vllm_bench_budget,
-                            args.vllm_bench_warmups, LOGS, progress.step)
+                            args.vllm_bench_warmups, args.vllm_bench_rounds, LOGS,
+                            progress.step)
 
     prefix_comparison = vllm_client.Comparison()
     prefix_workloads = [vllm_client.prefix_workload(args)]
 
     def prefix_cache_stage(_url: str) -> None:
         vllm_client.measure(prefix_comparison, prefix_workloads, args.vllm_bench_budget,
-                            args.vllm_bench_warmups, LOGS, progress.step)
+                            args.vllm_bench_warmups, args.vllm_bench_rounds, LOGS,
+                            progress.step)
 
     command = "python -m vllm_entropy_kv.bench " + " ".join(
         argv if argv is not None else sys.argv[1:])

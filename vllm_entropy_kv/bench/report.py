@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,24 @@ def machine_description(dtype: str, block_size: int) -> str:
     return (f"model SmolLM2-135M-Instruct ({dtype}, vLLM 0.32.0 CPU, `--enforce-eager`), "
             f"CPU {cpu_info().describe()}, {len(os.sched_getaffinity(0))} cores, "
             f"attention layout '{layout}' ({block_size}-token blocks)")
+
+
+# Student's t, two-sided 95%, by degrees of freedom (a benchmark has a few rounds).
+_T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+          9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def geometric_mean_interval(ratios: Sequence[float]) -> tuple[float, float, float]:
+    """The geometric mean of paired ratios and its 95% t-interval (a t-interval of the mean
+    log-ratio): (mean, low, high); the interval is the mean itself for one ratio."""
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return (math.exp(mean),) * 3
+    df = len(logs) - 1
+    t = _T_975[max(d for d in _T_975 if d <= df)]
+    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
 def ratio(value: float | None, reference: float | None) -> str:

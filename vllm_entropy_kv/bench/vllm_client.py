@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -108,6 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vllm-bench-warmups", type=int, default=1,
                        help="`vllm bench serve --num-warmups`: one-time costs (first "
                        "kernels, imports) stay out of the measured run")
+    group.add_argument("--vllm-bench-rounds", type=int, default=3,
+                       help="rounds of both servers, alternating, each on fresh servers: "
+                       "cells are medians, ratios get a 95%% interval over the rounds")
 
 
 def workloads(args: argparse.Namespace) -> list[Workload]:
@@ -191,10 +195,19 @@ COLUMNS = (
 
 @dataclass
 class Comparison:
-    """Everything the stage measured: runs by (side label, workload name), log checks."""
+    """Everything the stage measured: each round's run by (side label, workload name), in
+    the order of the rounds, and the log checks."""
 
-    runs: dict[tuple[str, str], ClientRun] = field(default_factory=dict)
+    runs: dict[tuple[str, str], list[ClientRun]] = field(default_factory=dict)
     checks: list[str] = field(default_factory=list)
+
+    def add(self, side: str, workload: str, run: ClientRun) -> None:
+        self.runs.setdefault((side, workload), []).append(run)
+
+    def rounds(self, workload: str, budget: float) -> list[tuple[ClientRun, ClientRun]]:
+        """(stock, entropy) runs of each round that measured both."""
+        stock, entropy = (self.runs.get((side.label, workload), []) for side in sides(budget))
+        return list(zip(stock, entropy))
 
 
 def client_command(url: str, workload: Workload, result_path: Path, warmups: int) -> list[str]:
@@ -262,53 +275,89 @@ def adjustments(log: str) -> list[str]:
 
 
 def measure(comparison: Comparison, workloads: Sequence[Workload], budget: float,
-            warmups: int, logs: Path, step: Callable[[str], None]) -> None:
-    """Start each side's server per workload, run the client against it, record the run."""
-    for workload in workloads:
-        for side in sides(budget):
-            name = f"vllm-bench-{side.policy}-{workload.name}"
-            server = VllmServer(logs / f"server-{name}.log", port=free_port(),
-                                policy=side.policy,
-                                extra_args=side.serve_flags(workload.kv_tokens))
-            print(f"[bench] starting {side.label} server: {' '.join(server.command)}",
-                  file=sys.stderr, flush=True)
-            with server:
-                log = server.log_path.read_text(errors="replace")
-                stock = side.policy == "none"
-                problems = scheduling_problems(log, stock)
-                if problems:
-                    raise RuntimeError(f"{side.label} server: {'; '.join(problems)} "
-                                       f"(log: {server.log_path})")
-                if workload is workloads[0]:
-                    comparison.checks.append(
-                        f"{side.label}: chunked prefill and async scheduling on; " + (
-                            "no vllm-entropy-kv WARNING line" if stock else
-                            "the plugin changed " + (", ".join(adjustments(log)) or "nothing")))
-                comparison.runs[(side.label, workload.name)] = run_client(
-                    server.url, workload, logs / f"{name}.json", warmups,
-                    logs / f"client-{name}.log")
-            step(f"vllm bench serve, {side.label}, {workload.name}")
+            warmups: int, rounds: int, logs: Path, step: Callable[[str], None]) -> None:
+    """Per round, per workload, start each side's server (fresh: an empty prefix cache),
+    run the client against it and record the run. Rounds alternate the two servers, so a
+    machine that slows down or speeds up weighs on both alike."""
+    for round_index, workload, side in (
+            (r, w, s) for r in range(rounds) for w in workloads for s in sides(budget)):
+        name = f"vllm-bench-{side.policy}-{workload.name}-{round_index + 1}"
+        server = VllmServer(logs / f"server-{name}.log", port=free_port(),
+                            policy=side.policy,
+                            extra_args=side.serve_flags(workload.kv_tokens))
+        print(f"[bench] starting {side.label} server: {' '.join(server.command)}",
+              file=sys.stderr, flush=True)
+        with server:
+            log = server.log_path.read_text(errors="replace")
+            stock = side.policy == "none"
+            problems = scheduling_problems(log, stock)
+            if problems:
+                raise RuntimeError(f"{side.label} server: {'; '.join(problems)} "
+                                   f"(log: {server.log_path})")
+            if workload is workloads[0] and round_index == 0:
+                comparison.checks.append(
+                    f"{side.label}: chunked prefill and async scheduling on; " + (
+                        "no vllm-entropy-kv WARNING line" if stock else
+                        "the plugin changed " + (", ".join(adjustments(log)) or "nothing")))
+            comparison.add(side.label, workload.name, run_client(
+                server.url, workload, logs / f"{name}.json", warmups,
+                logs / f"client-{name}.log"))
+        step(f"vllm bench serve, {side.label}, {workload.name}, round "
+             f"{round_index + 1}/{rounds}")
 
 
 def _cell(value: float, reference: float | None, decimals: int) -> str:
     return f"{value:.{decimals}f} ({report.ratio(value, reference)})"
 
 
+def _median(runs: Sequence[ClientRun], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
 def comparison_table(comparison: Comparison, workloads: Sequence[Workload],
                      budget: float) -> str:
+    """One row per server and workload: each column's median over the rounds, and its ratio
+    to stock's median. Completed: requests over all rounds."""
     rows = []
     for workload in workloads:
         base = comparison.runs.get(("stock", workload.name))
         for side in sides(budget):
-            run = comparison.runs.get((side.label, workload.name))
-            if run is None:
+            runs = comparison.runs.get((side.label, workload.name))
+            if not runs:
                 continue
+            completed = sum(int(run["completed"]) for run in runs)
             rows.append([
-                side.label, workload.name, f"{int(run['completed'])}/{workload.num_prompts}",
-                *[_cell(run[key] * scale, base and base[key] * scale, decimals)
+                side.label, workload.name, f"{completed}/{workload.num_prompts * len(runs)}",
+                *[_cell(_median(runs, key) * scale, base and _median(base, key) * scale,
+                        decimals)
                   for _, key, scale, decimals in COLUMNS],
             ])
     return report.table(["server", "workload", "completed", *[c[0] for c in COLUMNS]], rows)
+
+
+# The goals' columns (issues 16 and 18), whose ratios get an interval over the rounds.
+RATIO_COLUMNS = ("output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+                 "prefix_hit_rate", "peak_kv_usage")
+
+
+def rounds_table(comparison: Comparison, workloads: Sequence[Workload], budget: float) -> str:
+    """Per workload and goal column: entropy's ratio to stock in each round (the two servers
+    of a round ran back to back), their geometric mean and its 95% t-interval."""
+    rows = []
+    headers = {key: header for header, key, _, _ in COLUMNS}
+    for workload in workloads:
+        pairs = comparison.rounds(workload.name, budget)
+        for key in RATIO_COLUMNS:
+            ratios = [entropy[key] / stock[key] for stock, entropy in pairs if stock[key]]
+            if not ratios:
+                continue
+            mean, low, high = report.geometric_mean_interval(ratios)
+            rows.append([workload.name, headers[key],
+                         ", ".join(f"{r:.2f}" for r in ratios),
+                         f"{mean:.2f}x" + (f" [{low:.2f}, {high:.2f}]" if len(ratios) > 1
+                                           else "")])
+    return report.table(["workload", "column", "entropy / stock, per round",
+                         "geometric mean [95% interval]"], rows)
 
 
 def render(comparison: Comparison, workloads: Sequence[Workload], budget: float, command: str,
@@ -316,6 +365,7 @@ def render(comparison: Comparison, workloads: Sequence[Workload], budget: float,
     from vllm_entropy_kv.engine.setup import COMPRESSION_BLOCK_SIZE
 
     stock_layout = report.attention_layout(dtype, STOCK_BLOCK_SIZE)
+    rounds = max((len(runs) for runs in comparison.runs.values()), default=0)
     workload_lines = [
         f"- **{w.name}**: `vllm bench serve --backend openai {' '.join(w.client_args())} "
         f"--seed {SEED} --num-warmups {warmups}` (ignore_eos, vLLM's default for random "
@@ -331,12 +381,15 @@ def render(comparison: Comparison, workloads: Sequence[Workload], budget: float,
         f"{report.machine_description(dtype, COMPRESSION_BLOCK_SIZE)}; stock runs vLLM's CPU "
         f"default {STOCK_BLOCK_SIZE}-token blocks (layout '{stock_layout}'). Two servers per "
         "workload, one after the other, each started by the launcher with the same dtype, "
-        "`--max-model-len` and KV bytes (`--num-gpu-blocks-override`): **stock** "
+        "`--max-model-len` and KV bytes (`--num-gpu-blocks-override`), in "
+        f"{rounds} round{'s' if rounds != 1 else ''}, each on fresh servers: **stock** "
         "`--kv-policy none` (vLLM's defaults: chunked prefill, async scheduling, "
         "`max_num_batched_tokens`, block size) and "
         f"**entropy@{budget:g}** `--kv-policy entropy --kv-budget {budget:g}` (32-token blocks, "
-        "one KV cache group per layer; prefix caching on since 2026-12-05). Each cell is the value and, in "
-        "brackets, its ratio to stock on the same workload. Peak running and peak KV usage: "
+        "one KV cache group per layer; prefix caching on since 2026-12-05). Each cell is the "
+        "median over the rounds and, in brackets, its ratio to stock's median on the same "
+        "workload; the second table has the ratio of each round and their geometric mean "
+        "with a 95% t-interval. Peak running and peak KV usage: "
         "`vllm:num_requests_running` and `vllm:kv_cache_usage_perc` (a fraction of the pool; "
         "vLLM counts cached free blocks as free) sampled every 0.25 s; preemptions: "
         "`vllm:num_preemptions_total` over the run; prefix hit rate: "
@@ -349,13 +402,15 @@ def render(comparison: Comparison, workloads: Sequence[Workload], budget: float,
         "Server logs: " + "; ".join(comparison.checks) + ".",
         "",
         comparison_table(comparison, workloads, budget),
+        "",
+        rounds_table(comparison, workloads, budget),
     ])
 
 
 def plot_over_time(comparison: Comparison, workload: Workload, budget: float,
                    path: Path) -> None:
     """KV usage and the prefix-cache hit rate so far, against time, for both servers on one
-    workload (docs/img/)."""
+    workload in the first round (docs/img/)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -363,9 +418,10 @@ def plot_over_time(comparison: Comparison, workload: Workload, budget: float,
 
     fig, (usage_ax, hits_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     for side in sides(budget):
-        run = comparison.runs.get((side.label, workload.name))
-        if run is None:
+        runs = comparison.runs.get((side.label, workload.name))
+        if not runs:
             continue
+        run = runs[0]
         times, usage = zip(*run.series[KV_USAGE]) if run.series[KV_USAGE] else ((), ())
         usage_ax.plot(times, usage, label=side.label)
         hits, queries = run.series[PREFIX_HITS], run.series[PREFIX_QUERIES]
