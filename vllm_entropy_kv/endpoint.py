@@ -8,9 +8,10 @@ launcher (`vllm_entropy_kv.launch.serve_environment`) names both `entropy_kv` an
 
     VLLM_PLUGINS=entropy_kv,entropy_kv_api vllm serve MODEL --kv-policy entropy
 
-The totals are the numbers `/metrics` shows (`vllm_entropy_kv_*`), summed in this process by
-the connector's Prometheus observer since start-up; they stay 0 with `--disable-log-stats`
-(no stats reach the API server) and while the policy is `none`.
+The totals are the numbers `/metrics` shows (`vllm_entropy_kv_*`), summed by the connector's
+Prometheus observer since start-up, over every API server process where vLLM runs several
+(`metrics.LiveTotals.snapshot`); they stay 0 with `--disable-log-stats` (no stats reach the
+API server) and while the policy is `none`.
 """
 
 from __future__ import annotations

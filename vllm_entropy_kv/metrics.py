@@ -18,8 +18,9 @@ at start-up), in base units, counters end in `_total`, all labelled by `policy` 
 `model_name` and `engine`). Token counts are per request, averaged over layers (layers keep
 different numbers of tokens); per-layer detail is in the layer-labelled series.
 
-Also here: `LIVE_TOTALS`, the same numbers summed in the API server for `GET /v1/kv-policy`,
-and `vllm_entropy_kv_info`, a constant-1 series naming the active settings, so that vLLM's
+Also here: `LIVE_TOTALS`, the same numbers summed in the API server for `GET /v1/kv-policy`
+(from the shared Prometheus files where vLLM runs several API servers, e.g. one per
+data-parallel engine: each server then sees only its own requests' stats), and `vllm_entropy_kv_info`, a constant-1 series naming the active settings, so that vLLM's
 own series (TTFT, time per output token) can be grouped by policy in PromQL:
 `... * on(instance) group_left(policy) vllm_entropy_kv_info`.
 """
@@ -27,6 +28,7 @@ own series (TTFT, time per output token) can be grouped by policy in PromQL:
 from __future__ import annotations
 
 import copy
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -237,8 +239,18 @@ class LiveTotals:
                     }
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Totals by policy. Where vLLM runs several API server processes (it does for
+        `--data-parallel-size` > 1, `--api-server-count`) each observes only the stats
+        that reach it, so the counters come from the multiprocess files all of them write
+        (what `/metrics` sums too); `last_request` stays this process's own."""
         with self._lock:
-            return copy.deepcopy(self._by_policy)
+            totals = copy.deepcopy(self._by_policy)
+        shared = _shared_counters()
+        if shared is None:
+            return totals
+        return {policy: {**counters, "last_request": totals.get(policy, {}).get(
+                    "last_request")}
+                for policy, counters in shared.items()}
 
     def clear(self) -> None:
         with self._lock:
@@ -246,6 +258,31 @@ class LiveTotals:
 
 
 LIVE_TOTALS = LiveTotals()
+
+
+def _shared_counters() -> dict[str, dict[str, float]] | None:
+    """Every API server process's counters summed by policy (over engines too), from
+    Prometheus' multiprocess directory; None when vLLM runs one API server (no directory)."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory or not os.path.isdir(directory):
+        return None
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)
+    keys = {name: key for key, name in COUNTER_METRICS.items()}
+    totals: dict[str, dict[str, float]] = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            key = keys.get(sample.name)
+            if key is not None and "policy" in sample.labels:
+                counters = totals.setdefault(sample.labels["policy"],
+                                             dict.fromkeys(COUNTER_KEYS, 0))
+                counters[key] += sample.value
+    # Prometheus keeps floats; counts read as the ints the in-process totals hold.
+    return {policy: {key: int(v) if float(v).is_integer() else v for key, v in c.items()}
+            for policy, c in totals.items()}
 
 
 class EntropyKVPromMetrics(KVConnectorPromMetrics):
