@@ -97,7 +97,8 @@ def test_vllm_bench_stage_runs_the_issues_workloads_against_the_same_pool() -> N
     assert stock[stock.index("--max-model-len") + 1] == entropy[entropy.index(
         "--max-model-len") + 1]
     assert entropy[-2:] == ["--kv-budget", "0.25"] and "--kv-budget" not in stock
-    assert stock[stock.index("--max-model-len", -4) + 1] == "4096"
+    assert stock[stock.index("--max-model-len") + 1] == "4096"
+    assert stock.count("--max-model-len") == entropy.count("--max-model-len") == 1
 
 
 def test_vllm_bench_table_reads_the_clients_saved_results() -> None:

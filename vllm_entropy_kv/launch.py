@@ -46,12 +46,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pool_flags(policy: str | None, kv_tokens: int, block_size: int | None = None) -> list[str]:
+def pool_flags(policy: str | None, kv_tokens: int, block_size: int | None = None,
+               max_model_len: int | None = None) -> list[str]:
     """`vllm serve` flags for a KV pool of `kv_tokens` tokens of full KV (every layer), the
     same memory whatever the policy. `VLLM_CPU_KVCACHE_SPACE` counts whole GiB only. Blocks
     have the size a policy sets unless `block_size` is given (e.g. vLLM's own default for a
     stock server); with `none` a block holds them for every layer, with a policy each layer
-    has its own KV cache group and a block holds them for one layer."""
+    has its own KV cache group and a block holds them for one layer. The model length is
+    `max_model_len` if given, else the most the pool holds, up to 4096."""
     if block_size is None:
         # Imported here: the engine package loads vLLM, which `make serve` need not wait for.
         from vllm_entropy_kv.engine.setup import COMPRESSION_BLOCK_SIZE as block_size
@@ -62,7 +64,8 @@ def pool_flags(policy: str | None, kv_tokens: int, block_size: int | None = None
         blocks *= int(config["num_hidden_layers"])
     return ["--block-size", str(block_size), "--num-gpu-blocks-override", str(blocks),
             # vLLM refuses a model length the pool could not hold once.
-            "--max-model-len", str(min(4096, kv_tokens // block_size * block_size))]
+            "--max-model-len", str(max_model_len or min(4096, kv_tokens // block_size
+                                                         * block_size))]
 
 
 def metric(url: str, name: str, label: str = "") -> float:

@@ -150,8 +150,8 @@ class Side:
         # vLLM wants one block more than a request of the model's length in a pool of
         # 128-token blocks: a small pool gets a model length one stock block shorter.
         max_model_len = min(4096, kv_tokens - STOCK_BLOCK_SIZE)
-        return pool_flags(self.policy, kv_tokens, block_size) + [
-            "--max-model-len", str(max_model_len), *self.extra_args]
+        return [*pool_flags(self.policy, kv_tokens, block_size, max_model_len),
+                *self.extra_args]
 
 
 def sides(budget: float) -> tuple[Side, Side]:
