@@ -98,20 +98,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the memory-pressure pool holds this many requests uncompressed")
     group.add_argument("--vllm-bench-workloads", default="random,pressure",
                        help="comma-separated, of random, pressure")
-    prefix = parser.add_argument_group(
-        "prefix-cache stage", "the same two servers, prefix caching on in both (vLLM's "
-        "default), on vLLM's prefix_repetition dataset in the unpressured pool's memory; "
-        "output length, concurrency and budget are the vllm-bench stage's")
-    prefix.add_argument("--prefix-cache-prefix-len", type=int, default=2000)
-    prefix.add_argument("--prefix-cache-suffix-len", type=int, default=200)
-    prefix.add_argument("--prefix-cache-prefixes", type=int, default=4)
-    prefix.add_argument("--prefix-cache-prompts", type=int, default=32)
     group.add_argument("--vllm-bench-warmups", type=int, default=1,
                        help="`vllm bench serve --num-warmups`: one-time costs (first "
                        "kernels, imports) stay out of the measured run")
     group.add_argument("--vllm-bench-rounds", type=int, default=3,
                        help="rounds of both servers, alternating, each on fresh servers: "
                        "cells are medians, ratios get a 95%% interval over the rounds")
+    prefix = parser.add_argument_group(
+        "prefix-cache stage", "the same two servers, prefix caching on in both (vLLM's "
+        "default), on vLLM's prefix_repetition dataset in the unpressured pool's memory; "
+        "output length, concurrency, budget, warm-ups and rounds are the vllm-bench "
+        "stage's")
+    prefix.add_argument("--prefix-cache-prefix-len", type=int, default=2000)
+    prefix.add_argument("--prefix-cache-suffix-len", type=int, default=200)
+    prefix.add_argument("--prefix-cache-prefixes", type=int, default=4)
+    prefix.add_argument("--prefix-cache-prompts", type=int, default=32)
 
 
 def workloads(args: argparse.Namespace) -> list[Workload]:
