@@ -1,15 +1,17 @@
-"""Tensor parallelism without a server: the head bookkeeping of `engine/parallel.py`, and the
-connector's check that every rank reports the same plans before any block is freed."""
+"""Tensor parallelism without a server: the head bookkeeping of a TP rank's `HeadShard`
+(engine/parallel.py; tests/policies/test_shards.py plans with shards), and the connector's
+check that every rank reports the same plans before any block is freed."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from vllm_entropy_kv.engine.connector import CompressionReports, RanksDisagreeError
-from vllm_entropy_kv.engine.parallel import TensorParallelShard, _heads_of, _own_heads
+from vllm_entropy_kv.engine.parallel import head_shard
 from vllm_entropy_kv.engine.worker import CompressionReport
-from vllm_entropy_kv.policies import LayerPlan
 
 
 def report(freed: tuple[int, int], digest: str) -> CompressionReport:
@@ -35,22 +37,33 @@ def test_ranks_that_disagree_stop_the_engine(other: CompressionReports) -> None:
         other.aggregate(mine)
 
 
-def test_replicated_kv_heads_are_planned_once() -> None:
+@dataclass
+class FakeTPGroup:
+    """The parts of vLLM's GroupCoordinator a `HeadShard` uses; `all_gather` returns every
+    rank's tensor filled with that rank's number."""
+
+    rank_in_group: int
+    world_size: int
+
+    def all_gather(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return torch.cat([torch.full_like(input_, r) for r in range(self.world_size)], dim)
+
+    def all_reduce(self, input_: torch.Tensor) -> torch.Tensor:
+        return input_ * self.world_size
+
+
+def test_replicated_kv_heads_are_exchanged_once() -> None:
     # 2 KV heads on 4 ranks: ranks 0-1 hold head 0, ranks 2-3 head 1.
-    shards = [TensorParallelShard(rank, 4, 1, 2) for rank in range(4)]
+    shards = [head_shard(FakeTPGroup(rank, 4), 1, 2) for rank in range(4)]
     assert [s.first_kv_head for s in shards] == [0, 0, 1, 1]
-    assert shards[0].distinct_ranks() == [0, 2]
-    gathered = torch.arange(4).view(4, 1, 1)  # one head from each rank, tagged by rank
-    assert _heads_of(gathered, [0, 2], 4).flatten().tolist() == [0, 2]
-    assert _heads_of(gathered, [0, 1, 2, 3], 4) is gathered
+    assert [s.kv_heads for s in shards] == [slice(0, 1), slice(0, 1), slice(1, 2), slice(1, 2)]
+    coords = torch.zeros(5, 1, 7)  # [L, Hkv of a rank, ...]
+    assert shards[0].gather_kv_heads(coords, dim=1)[0, :, 0].tolist() == [0, 2]
+    assert shards[0].gather_query_heads(coords, dim=1).shape == (5, 4, 7)
 
 
-def test_each_rank_keeps_its_own_heads_of_the_summaries() -> None:
-    summary = torch.arange(3).view(3, 1, 1).expand(3, 2, 4).float()  # [Hkv=3, s, d]
-    plan = LayerPlan(torch.arange(4), summary, summary + 10, torch.ones(2))
-    for rank in range(3):
-        own = _own_heads(plan, TensorParallelShard(rank, 3, 1, 3))
-        assert own.summary_keys.shape == (1, 2, 4)
-        assert own.summary_keys.unique().tolist() == [rank]
-        assert own.summary_values.unique().tolist() == [rank + 10]
-        assert torch.equal(own.keep, plan.keep)
+def test_without_replicas_a_rank_holds_its_groups_queries() -> None:
+    shard = head_shard(FakeTPGroup(1, 3), 1, 3)
+    queries = torch.ones(2, 3, 16, 8)  # [L, Hq of a rank, W, d]
+    assert shard.own_group_queries(queries, dim=1) is queries
+    assert shard.gather_kv_heads(queries, dim=1).shape == (2, 9, 16, 8)

@@ -31,7 +31,7 @@ import hashlib
 import os
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -44,7 +44,7 @@ from vllm_entropy_kv.engine.cache_layout import (
     request_amx_permission,
     write_tokens,
 )
-from vllm_entropy_kv.engine.parallel import plan_on_all_heads, tensor_parallel_group
+from vllm_entropy_kv.engine.parallel import head_shard, tensor_parallel_group
 from vllm_entropy_kv.policies import LayerObservation, LayerPlan
 from vllm_entropy_kv.policies.stats import compressed_kv
 
@@ -355,12 +355,10 @@ class CompressionWorker:
         layer_ids = sorted(request.layers)
         captured = [request.layers[i] for i in layer_ids]
         observations = [c.observation(n, request.prompt_tokens) for c in captured]
-        budget = config.budget_for(block)
-        if group is None:
-            plans = policy.plan(observations, budget)
-        else:
-            plans = plan_on_all_heads(lambda full: policy.plan(full, budget), observations,
-                                      group, self.total_kv_heads)
+        if group is not None:
+            shard = head_shard(group, observations[0].keys.shape[0], self.total_kv_heads)
+            observations = [replace(o, shard=shard) for o in observations]
+        plans = policy.plan(observations, config.budget_for(block))
         kept: dict[int, int] = {}
         kept_layers: dict[int, KeptLayer] = {}
         log_bias: dict[int, torch.Tensor] = {}

@@ -18,6 +18,8 @@ from typing import ClassVar
 
 import torch
 
+from vllm_entropy_kv.policies.shards import HeadShard
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -54,6 +56,9 @@ class LayerObservation:
         are the last W of the n positions. The engine compresses only a prompt's whole
         blocks but observes the prompt's true last queries (where the question is), which
         then follow the keys; a query sees every key at or before its position.
+    shard: with tensor parallelism, this process's share of the heads (the tensors hold
+        only those) and how to exchange statistics with the other shards (`shards.py`);
+        None when the tensors hold every head.
     """
 
     queries: torch.Tensor
@@ -61,6 +66,7 @@ class LayerObservation:
     values: torch.Tensor
     scale: float
     query_offset: int = 0
+    shard: HeadShard | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -73,7 +79,7 @@ class LayerPlan:
 
     keep: sorted, unique prompt indices (int64) whose K/V stay, shared by all heads.
     summary_keys, summary_values: [Hkv, s, d] synthetic tokens (merged or reconstructed)
-        appended after the kept ones, or None.
+        appended after the kept ones, or None; with a `HeadShard`, the shard's own KV heads.
     summary_counts: [s] how many prompt tokens each synthetic token stands for; attention
         adds log(count) to its score so it keeps its mass (Attention Matching). None means 1.
     layer_entropy: the layer's attention entropy in [0, 1] if the policy measured it

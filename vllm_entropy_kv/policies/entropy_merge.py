@@ -118,7 +118,7 @@ class EntropyMergePolicy(EntropyPolicy):
         keys, values, counts = merge_groups(
             torch.stack([layers[i].keys for i in merging]),
             torch.stack([layers[i].values for i in merging]),
-            scores.stats.kv_head_scores(self.group_reduce).index_select(0, index),
+            scores.stats.own_kv_head_scores(self.group_reduce).index_select(0, index),
             torch.where(dropped, runs, spare),
             spare + 1,
         )

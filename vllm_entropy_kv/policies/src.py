@@ -21,6 +21,7 @@ from vllm_entropy_kv.policies.selection import (
     mask_positions,
     selection_masks,
 )
+from vllm_entropy_kv.policies.shards import HeadShard
 from vllm_entropy_kv.policies.stats import (
     GroupReduce,
     attention_output,
@@ -147,6 +148,7 @@ def summarize_bins(
     *,
     value_ridge: float = 1e-3,
     kmeans_iters: int = 10,
+    shard: HeadShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compress a recycle bin into `rank` synthetic KV pairs per KV head.
 
@@ -170,6 +172,10 @@ def summarize_bins(
        where V_merge is the groups' mass-weighted mean value and lam = value_ridge * tr(P^T P)
        / r keeps ill-conditioned fits near the plain merge.
     Returns (keys, values [L, Hkv, r, d] in the input dtype, counts [L, r] int64).
+
+    With a `shard` the inputs hold this shard's heads (queries: its KV heads' whole GQA
+    groups); the clustering of step 3 runs on the coordinates of every shard's KV heads, so
+    all shards form the same groups, and each returns its own KV heads' tokens.
     """
     num_layers, num_kv, b, _ = bin_keys.shape
     valid = torch.arange(b, device=bin_keys.device) < sizes.view(-1, 1)
@@ -182,6 +188,8 @@ def summarize_bins(
     keys_f = bin_keys.float() * valid.view(num_layers, 1, b, 1)
     centred = keys_f - keys_f.sum(2, keepdim=True) / sizes.view(-1, 1, 1, 1)
     coords = torch.matmul(centred, u) * s.unsqueeze(-2)  # [L, Hkv, b, r]
+    if shard is not None:
+        coords = shard.gather_kv_heads(coords, dim=1)
     groups = cluster_batch(coords.transpose(1, 2).flatten(2), valid, rank, kmeans_iters)
     mass = probs.sum(-2)  # [L, Hkv, b] attention each bin token got from the reference queries
     keys, merged_values, counts = merge_groups(bin_keys, bin_values, mass, groups, rank + 1)
@@ -420,8 +428,11 @@ class SRCPolicy(ScorerPolicy):
         gather = bin_ids.view(len(chosen), 1, -1, 1)
         keys = torch.stack([o.keys for o in picked])
         values = torch.stack([o.values for o in picked])
+        queries = torch.stack([last_queries(o, self.observation_queries) for o in picked])
+        if stats.shard is not None:
+            queries = stats.shard.own_group_queries(queries, dim=1)
         return summarize_bins(
-            torch.stack([last_queries(o, self.observation_queries) for o in picked]),
+            queries,
             keys.gather(2, gather.expand(-1, keys.shape[1], -1, keys.shape[3])),
             values.gather(2, gather.expand(-1, values.shape[1], -1, values.shape[3])),
             torch.tensor([o.scale for o in picked], dtype=torch.float32).to(device),
@@ -430,4 +441,5 @@ class SRCPolicy(ScorerPolicy):
             torch.full((len(chosen),), size, device=device),
             value_ridge=self.value_ridge,
             kmeans_iters=self.kmeans_iters,
+            shard=stats.shard,
         )

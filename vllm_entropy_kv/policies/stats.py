@@ -10,7 +10,9 @@ Cost: the layers are stacked and their scores computed in batched ops over layer
 and a chunk of queries, against the visible keys only, so memory stays at
 `DEFAULT_CHUNK_ELEMENTS` scores and no `n x n` matrix is ever built; on a GPU the number of
 kernel launches does not grow with the number of layers. Nothing here reads a value back to
-the host. All arithmetic is float32 whatever the input dtype.
+the host. All arithmetic is float32 whatever the input dtype. With a `HeadShard` on the
+observations (tensor parallelism) each shard computes its own heads' statistics and then
+exchanges them (`shards.py`), so every shard returns the statistics of all heads.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Literal
 import torch
 
 from vllm_entropy_kv.policies.base import LayerObservation, LayerPlan
+from vllm_entropy_kv.policies.shards import HeadShard
 
 GroupReduce = Literal["mean", "max", "sum"]
 
@@ -85,6 +88,8 @@ class AttentionStats:
     num_kv_heads: Hkv, for GQA-aware aggregation.
     num_queries: M, the number of observed queries.
     token_entropy: [L, n] or None; see `attention_stats_batch(token_entropy=True)`.
+    shard: the observations' `HeadShard`, if any; the statistics then cover the heads of
+        every shard, and `own_kv_head_scores` picks this shard's.
     """
 
     head_entropy: torch.Tensor | None
@@ -92,6 +97,7 @@ class AttentionStats:
     num_kv_heads: int
     num_queries: int
     token_entropy: torch.Tensor | None = None
+    shard: HeadShard | None = None
 
     def layer_entropies(self) -> torch.Tensor:
         """[L] (or a scalar for one layer): the entropy paper's layer score, the mean normalised
@@ -109,6 +115,12 @@ class AttentionStats:
         """[L, Hkv, n]: each KV head's key scores, reduced over the query heads of its group."""
         return reduce_groups(self.head_scores, self.num_kv_heads, group_reduce)
 
+    def own_kv_head_scores(self, group_reduce: GroupReduce = "mean") -> torch.Tensor:
+        """[L, Hkv', n]: `kv_head_scores` of the KV heads the observations hold (all of them
+        without a shard)."""
+        scores = self.kv_head_scores(group_reduce)
+        return scores if self.shard is None else scores[..., self.shard.kv_heads, :]
+
     def token_scores(self, group_reduce: GroupReduce = "mean") -> torch.Tensor:
         """[L, n]: one score per key for each layer (GQA groups, then KV heads)."""
         return aggregate_heads(self.head_scores, self.num_kv_heads, group_reduce)
@@ -121,6 +133,7 @@ class AttentionStats:
             num_kv_heads=self.num_kv_heads,
             num_queries=self.num_queries,
             token_entropy=None if self.token_entropy is None else self.token_entropy[index],
+            shard=self.shard,
         )
 
 
@@ -270,11 +283,19 @@ def attention_stats_batch(
                     plogp[a:b, :width] += weighted[:, kv].sum((1, 2))
                     plogp[a:b, :width] -= torch.einsum("lgcn,lgc->ln", probs[:, kv], log_z[:, kv])
 
+    shard = layers[0].shard
+    if shard is not None:
+        # Every shard's heads (tensor parallelism): scores over prompt positions, not keys.
+        head_scores = shard.gather_query_heads(head_scores, dim=1)
+        entropy_sum = shard.gather_query_heads(entropy_sum, dim=1) if entropy else entropy_sum
+        plogp = None if plogp is None else shard.sum(plogp)
+        num_heads, num_kv = head_scores.shape[1], shard.total_kv_heads
     stats = AttentionStats(
         head_entropy=entropy_sum / max(m, 1) if entropy else None,
         head_scores=head_scores,
         num_kv_heads=num_kv,
         num_queries=m,
+        shard=shard,
     )
     if plogp is not None:
         stats.token_entropy = _key_entropy(head_scores.sum(-2), plogp, num_heads, m, first)
