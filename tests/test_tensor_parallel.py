@@ -1,7 +1,8 @@
 """Tensor parallelism on a real server: `-tp 3` splits the embedded model's 3 KV heads (9
-query heads) one per rank. Every rank must keep the same tokens (engine/parallel.py plans
-once over all heads; the connector stops the engine if two ranks' reports ever differ), the
-plan must be the TP=1 plan, and concurrency must neither leak nor read a freed block.
+query heads) one per rank. Every rank must keep the same tokens (each plans from its own
+heads and the statistics the ranks exchange, policies/shards.py; the connector stops the
+engine if two ranks' reports ever differ), the plan must be the TP=1 plan, and concurrency,
+aborts and preemption must neither leak nor read a freed block.
 
 Both servers run float32 (bf16 gave a nonsense answer at TP=3 in a quick try, and the plan
 comparison wants one dtype) and check block ownership every step (`CHECK_BLOCKS_ENV`). The
@@ -10,6 +11,7 @@ ranks share this machine's cores: `VLLM_CPU_OMP_THREADS_BIND` gives each one of 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,8 +28,7 @@ from vllm_entropy_kv.launch import VllmServer, metric
 pytestmark = pytest.mark.server
 
 # 100 blocks per layer (3,200 tokens of full KV) and vLLM's null block: a 3k-token needle
-# fits, six concurrent 1k-token requests (half of them kept whole) and four longer ones
-# do not.
+# fits; two 1,560-token prompts kept whole nearly fill it (the concurrency test).
 POOL = ["--num-gpu-blocks-override", str(101 * 30), "--max-model-len", "3200"]
 ENTROPY = ["--kv-budget", "0.25", "--dtype", "float32", *POOL]
 PLAN_PROMPT = prompt_of_words(1050, 12000)
@@ -76,28 +77,39 @@ def test_needle_retrieval_at_tp3_matches_tp1(tp_server: VllmServer,
 
 
 # Decoding at TP=3 on 2 cores runs at about 4 tokens/s, so the requests are few and short.
-CONCURRENT_WORDS = [1000, 700, 900] * 2
-DECODE = 96  # three blocks per layer: the running requests outgrow the pool's last blocks
+# Two 1,560-token prompts kept whole (49 blocks per layer each) fill 98 of the pool's 100
+# blocks per layer, and nothing else fits beside them: by their 41st decoded token they need
+# two more blocks per layer than the pool has, so the scheduler must preempt one. The
+# compressed requests and the aborted ones arrive once both run.
+FULL = [(1210, 40000), (1260, 43000)]  # (words, offset): 1,560 tokens each
+FULL_TOKENS = range(48 * 32 + 1, 49 * 32 + 1)
+COMPRESSED_WORDS = [1000, 700, 900, 800, 600] * 2
+DECODE = 64
 
 
-def test_concurrent_and_aborted_requests_at_tp3(tp_server: VllmServer) -> None:
-    """Six 1k-token requests at once with four longer ones aborted mid-way, in a pool that
-    cannot hold them, then the same six one at a time: outputs differ only where a preemption
-    made a difference (tests/test_scheduling.py says why), nothing leaks. This size (4 min
-    here) has not made the scheduler preempt in three tries; 16 requests of 160 tokens did
-    (5 preemptions, 2 texts differing, no leak: 2026-12-05, 15 min), too long for CI."""
+def test_concurrent_aborted_and_preempted_requests_at_tp3(tp_server: VllmServer) -> None:
+    """Sixteen concurrent requests: two that keep their whole prompts fill the pool and one
+    is preempted as they decode; ten compressed requests and four aborted ones arrive
+    meanwhile; then the same twelve requests one at a time. Outputs differ only where a preemption made a
+    difference (tests/test_scheduling.py says why), no step reads a freed block (the
+    server checks), nothing leaks."""
     url = tp_server.url
-    prompts = [prompt_of_words(w, 700 * i) for i, w in enumerate(CONCURRENT_WORDS)]
+    full = [prompt_of_words(w, offset) for w, offset in FULL]
+    for prompt in full:
+        tokens = requests.post(f"{url}/tokenize", timeout=30, json={
+            "model": SERVED_MODEL_NAME, "prompt": prompt}).json()["count"]
+        assert tokens in FULL_TOKENS, f"{tokens} tokens: the pool arithmetic above is off"
+    budgets = {p: 1.0 for p in full}
+    budgets |= {prompt_of_words(w, 700 * i): 0.25 for i, w in enumerate(COMPRESSED_WORDS)}
+    prompts = list(budgets)
 
     def run(prompt: str) -> str:
-        # Every other request keeps all of its prompt (copied to fresh blocks, none freed),
-        # so that they outgrow the pool while they decode.
-        budget = 1.0 if prompts.index(prompt) % 2 else 0.25
         return complete(url, prompt, max_tokens=DECODE, ignore_eos=True,
-                        vllm_xargs={"kv_budget": budget})["choices"][0]["text"]
+                        vllm_xargs={"kv_budget": budgets[prompt]})["choices"][0]["text"]
 
     def aborted(prompt: str) -> None:
-        # The client gives up; vLLM aborts the request and frees its blocks.
+        # The client gives up; vLLM aborts the request and frees its blocks (or drops it
+        # from the waiting queue).
         with pytest.raises(requests.exceptions.Timeout):
             requests.post(f"{url}/v1/completions", timeout=3, json={
                 "model": SERVED_MODEL_NAME, "prompt": prompt, "max_tokens": 500,
@@ -105,9 +117,15 @@ def test_concurrent_and_aborted_requests_at_tp3(tp_server: VllmServer) -> None:
 
     preempted_before = metric(url, "vllm:num_preemptions_total")
     with ThreadPoolExecutor(max_workers=len(prompts) + 4) as pool:
+        first = [pool.submit(run, prompt) for prompt in full]
+        deadline = time.monotonic() + 120
+        while metric(url, "vllm:num_requests_running") < 2:
+            assert time.monotonic() < deadline, "the two long requests never ran together"
+            time.sleep(0.2)
         aborts = [pool.submit(aborted, prompt_of_words(1500, 30000 + 2000 * i))
                   for i in range(4)]
-        together = list(pool.map(run, prompts))
+        rest = list(pool.map(run, prompts[len(full):]))
+        together = [f.result() for f in first] + rest
         for abort in aborts:
             abort.result()
     preemptions = metric(url, "vllm:num_preemptions_total") - preempted_before
@@ -115,6 +133,7 @@ def test_concurrent_and_aborted_requests_at_tp3(tp_server: VllmServer) -> None:
     differ = [i for i, (a, b) in enumerate(zip(together, alone)) if a != b]
     print(f"{len(prompts)} requests and 4 aborted, {preemptions:.0f} preemptions; "
           f"differ: {differ}")
+    assert preemptions >= 1
     assert len(differ) <= preemptions, [(together[i], alone[i]) for i in differ]
     assert requests.get(f"{url}/health", timeout=10).status_code == 200
     assert wait_for_idle_cache(url) == 0
