@@ -76,7 +76,8 @@ class HeadShard:
                           for r in range(0, self.world_size, self.replicas)], dim)
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
-        """The sum over shards (`x` itself is left as it was)."""
+        """The sum over shards (`x` itself is left as it was: vLLM's CPU all-reduce works
+        in place)."""
         return self.exchange.all_reduce(x.clone())
 
     def own_group_queries(self, queries: torch.Tensor, dim: int) -> torch.Tensor:
