@@ -3,7 +3,8 @@ from its own heads and the statistics it exchanges, keeps what one process with 
 keeps, and summarises its own KV heads as that process would.
 
 The shards are threads here, exchanging through `ThreadExchange`; the engine's shards are
-vLLM's TP ranks (tests/test_tensor_parallel.py serves them).
+vLLM's TP ranks (tests/test_tensor_parallel.py serves them). A shard that plans differently
+makes the ranks' reports disagree, which the connector refuses.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import pytest
 import torch
 from planning_golden import VARIANTS, variant_key
 
+from vllm_entropy_kv.engine.connector import CompressionReports, RanksDisagreeError
+from vllm_entropy_kv.engine.worker import CompressionReport, plan_digest
 from vllm_entropy_kv.policies import Budget, LayerObservation, LayerPlan, get_policy
 from vllm_entropy_kv.policies.shards import HeadShard
 
@@ -143,3 +146,23 @@ def test_shards_exchange_scores_not_keys() -> None:
                       shards))
     # [L, Hq/2, n] scores and [L, Hq/2] entropies.
     assert sent == [4 * 4 * 2000, 4 * 4]
+
+
+def test_a_shard_that_plans_differently_stops_the_engine() -> None:
+    """If one rank ever planned differently (here: another budget), the reports of the
+    ranks disagree and the connector refuses them before any block is freed."""
+    layers = _layers(num_layers=4, q_heads=8, kv_heads=2, n=400, window=16, offset=0)
+    exchange = ThreadExchange(2)
+    shards = [HeadShard(exchange.view(r), r, 2, 1, 2) for r in range(2)]
+    budgets = [Budget(keep=0.25, block_size=16), Budget(keep=0.5, block_size=16)]
+    with ThreadPoolExecutor(2) as pool:
+        plans = list(pool.map(lambda s: get_policy("entropy").plan(
+            _shard_of(layers, s), budgets[s.rank]), shards))
+    reports = [
+        CompressionReports({"req": CompressionReport(
+            "entropy", 400, {i: p.num_physical for i, p in enumerate(rank_plans)}, 0.0,
+            plan_digest=plan_digest(rank_plans))})
+        for rank_plans in plans
+    ]
+    with pytest.raises(RanksDisagreeError, match="'req'"):
+        reports[0].aggregate(reports[1])
