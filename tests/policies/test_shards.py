@@ -29,7 +29,7 @@ class ThreadExchange:
     def __init__(self, world_size: int) -> None:
         self.slots: list[torch.Tensor | None] = [None] * world_size
         self.barrier = threading.Barrier(world_size, timeout=60)
-        self.calls = 0  # collectives, counted by shard 0
+        self.sent: list[int] = []  # elements shard 0 sent, one entry per collective
 
     def view(self, rank: int) -> _RankExchange:
         return _RankExchange(self, rank)
@@ -46,7 +46,7 @@ class _RankExchange:
         everyone = [t for t in self.shared.slots if t is not None]
         self.shared.barrier.wait()  # nobody overwrites a slot before all have read it
         if self.rank == 0:
-            self.shared.calls += 1
+            self.shared.sent.append(x.numel())
         return everyone
 
     def all_gather(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -78,16 +78,19 @@ def _shard_of(layers: list[LayerObservation], shard: HeadShard) -> list[LayerObs
             for o in layers]
 
 
-def _plan_sharded(name: str, params: dict, layers: list[LayerObservation], budget: Budget,
-                  world_size: int) -> tuple[list[list[LayerPlan]], list[HeadShard], int]:
+def _plan_sharded(
+    name: str, params: dict, layers: list[LayerObservation], budgets: list[Budget]
+) -> tuple[list[list[LayerPlan]], list[HeadShard], list[int]]:
+    """Every shard's plans, one shard per budget (thread), and what shard 0 sent."""
+    world_size = len(budgets)
     exchange = ThreadExchange(world_size)
     total_kv = layers[0].keys.shape[0]
     shards = [HeadShard(exchange.view(r), r, world_size, max(1, total_kv // world_size),
                         total_kv) for r in range(world_size)]
     with ThreadPoolExecutor(world_size) as pool:
-        plans = list(pool.map(
-            lambda s: get_policy(name, **params).plan(_shard_of(layers, s), budget), shards))
-    return plans, shards, exchange.calls
+        plans = list(pool.map(lambda s: get_policy(name, **params).plan(
+            _shard_of(layers, s), budgets[s.rank]), shards))
+    return plans, shards, exchange.sent
 
 
 # 8 query heads, 2 KV heads: 2 shards hold one KV head each; 4 shards hold one KV head
@@ -98,7 +101,7 @@ def test_every_shard_plans_as_one_process(name: str, params: dict, world_size: i
     layers = _layers(num_layers=6, q_heads=8, kv_heads=2, n=400, window=16, offset=3)
     budget = Budget(keep=0.25, sink_tokens=4, recent_tokens=16, block_size=16)
     whole = get_policy(name, **params).plan(layers, budget)
-    sharded, shards, calls = _plan_sharded(name, params, layers, budget, world_size)
+    sharded, shards, sent = _plan_sharded(name, params, layers, [budget] * world_size)
     for shard, plans in zip(shards, sharded):
         for i, (got, want) in enumerate(zip(plans, whole)):
             where = f"{name} shard {shard.rank} layer {i}"
@@ -116,34 +119,15 @@ def test_every_shard_plans_as_one_process(name: str, params: dict, world_size: i
                                            getattr(want, part)[shard.kv_heads],
                                            atol=1e-4, rtol=1e-4, msg=f"{where}: {part}")
     # Position-only policies exchange nothing; scoring policies exchange statistics.
-    assert (calls == 0) == (get_policy(name, **params).observation_queries == 0)
+    assert (not sent) == (get_policy(name, **params).observation_queries == 0)
 
 
 def test_shards_exchange_scores_not_keys() -> None:
     """What crosses shards for `entropy`: each query head's scores over prompt positions
     and its entropy, nothing of the keys and values."""
     layers = _layers(num_layers=4, q_heads=8, kv_heads=2, n=2000, window=16, offset=0)
-    sent: list[int] = []
-
-    class Counting(ThreadExchange):
-        def view(self, rank: int) -> _RankExchange:
-            view = super().view(rank)
-            original = view._everyone
-
-            def counted(x: torch.Tensor) -> list[torch.Tensor]:
-                if rank == 0:
-                    sent.append(x.numel())
-                return original(x)
-
-            view._everyone = counted  # type: ignore[method-assign]
-            return view
-
-    exchange = Counting(2)
-    shards = [HeadShard(exchange.view(r), r, 2, 1, 2) for r in range(2)]
     budget = Budget(keep=0.25, block_size=16)
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda s: get_policy("entropy").plan(_shard_of(layers, s), budget),
-                      shards))
+    *_, sent = _plan_sharded("entropy", {}, layers, [budget] * 2)
     # [L, Hq/2, n] scores and [L, Hq/2] entropies.
     assert sent == [4 * 4 * 2000, 4 * 4]
 
@@ -152,12 +136,8 @@ def test_a_shard_that_plans_differently_stops_the_engine() -> None:
     """If one rank ever planned differently (here: another budget), the reports of the
     ranks disagree and the connector refuses them before any block is freed."""
     layers = _layers(num_layers=4, q_heads=8, kv_heads=2, n=400, window=16, offset=0)
-    exchange = ThreadExchange(2)
-    shards = [HeadShard(exchange.view(r), r, 2, 1, 2) for r in range(2)]
-    budgets = [Budget(keep=0.25, block_size=16), Budget(keep=0.5, block_size=16)]
-    with ThreadPoolExecutor(2) as pool:
-        plans = list(pool.map(lambda s: get_policy("entropy").plan(
-            _shard_of(layers, s), budgets[s.rank]), shards))
+    plans, _, _ = _plan_sharded("entropy", {}, layers, [Budget(keep=0.25, block_size=16),
+                                                         Budget(keep=0.5, block_size=16)])
     reports = [
         CompressionReports({"req": CompressionReport(
             "entropy", 400, {i: p.num_physical for i, p in enumerate(rank_plans)}, 0.0,
