@@ -90,9 +90,9 @@ DECODE = 64
 def test_concurrent_aborted_and_preempted_requests_at_tp3(tp_server: VllmServer) -> None:
     """Sixteen concurrent requests: two that keep their whole prompts fill the pool and one
     is preempted as they decode; ten compressed requests and four aborted ones arrive
-    meanwhile; then the same twelve requests one at a time. Outputs differ only where a preemption made a
-    difference (tests/test_scheduling.py says why), no step reads a freed block (the
-    server checks), nothing leaks."""
+    meanwhile; then the same twelve requests one at a time. Outputs differ only where a
+    preemption made a difference (tests/test_scheduling.py says why), no step reads a
+    freed block (the server checks), nothing leaks."""
     url = tp_server.url
     full = [prompt_of_words(w, offset) for w, offset in FULL]
     for prompt in full:

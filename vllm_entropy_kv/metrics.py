@@ -20,7 +20,8 @@ different numbers of tokens); per-layer detail is in the layer-labelled series.
 
 Also here: `LIVE_TOTALS`, the same numbers summed in the API server for `GET /v1/kv-policy`
 (from the shared Prometheus files where vLLM runs several API servers, e.g. one per
-data-parallel engine: each server then sees only its own requests' stats), and `vllm_entropy_kv_info`, a constant-1 series naming the active settings, so that vLLM's
+data-parallel engine: each server then sees only its own requests' stats), and
+`vllm_entropy_kv_info`, a constant-1 series naming the active settings, so that vLLM's
 own series (TTFT, time per output token) can be grouped by policy in PromQL:
 `... * on(instance) group_left(policy) vllm_entropy_kv_info`.
 """
