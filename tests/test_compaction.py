@@ -148,7 +148,8 @@ def test_compacted_cache_reads_as_kept_tokens_plus_tail(policy: str, layout: Lay
     worker.write_kept("req-0", {0: fresh})
     # The prompt's own blocks still hold what their prefix-cache hashes name.
     cache_view = cache_layout(layout.isa, kv_cache, "auto")
-    assert torch.equal(cache_view.gather(kv_cache, block_row, n)[0], keys.transpose(0, 1))
+    prompt_keys = cache_view.gather(kv_cache, block_row, n)[0]
+    assert torch.equal(prompt_keys, keys.transpose(0, 1).float())
 
     # What the policy kept, recomputed: the same plan from the same observation.
     observation = LayerObservation(
@@ -195,14 +196,19 @@ def test_cache_reads_back_what_the_cache_op_wrote(layout: Layout) -> None:
     view = cache_layout(layout.isa, kv_cache, "auto")
     assert view.strided is not None, "every layout of vLLM 0.32 is a strided view"
     got_keys, got_values = view.gather(kv_cache, block_row, n)
-    assert torch.equal(got_keys, keys.transpose(0, 1))
+    # Keys come back in float32 with positions contiguous (what scoring reads fastest),
+    # values in the cache's dtype.
+    assert got_keys.dtype == torch.float32 and got_keys.stride(1) == 1
+    assert got_values.dtype == kv_cache.dtype
+    assert torch.equal(got_keys, keys.transpose(0, 1).float())
     assert torch.equal(got_values, values.transpose(0, 1))
     # The element-wise gather, for a layout that is no strided view, reads the same.
     elementwise = dataclasses.replace(view)
     elementwise.__dict__["strided"] = None
     assert elementwise.strided is None
     got_keys, got_values = elementwise.gather(kv_cache, block_row, n)
-    assert torch.equal(got_keys, keys.transpose(0, 1))
+    assert got_keys.dtype == torch.float32 and got_keys.stride(1) == 1
+    assert torch.equal(got_keys, keys.transpose(0, 1).float())
     assert torch.equal(got_values, values.transpose(0, 1))
 
 

@@ -3,6 +3,8 @@ same kept indices, layer entropies and summaries, for every registered policy on
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from planning_golden import (
@@ -48,3 +50,36 @@ def test_plans_match_the_recording(golden, index: int) -> None:
         for part in ("keys", "values"):
             torch.testing.assert_close(got[part], want[part], atol=atol, rtol=rtol,
                                        msg=lambda m, k=key, p=part: f"{k}: summary {p}: {m}")
+
+
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_keys_as_the_engine_reads_them_back_give_the_same_plans(golden, index: int) -> None:
+    """The engine hands policies float32 keys with positions contiguous
+    (`BlockLayout.gather`); the offline harness, keys as the model made them. Same values,
+    so the same tokens are kept."""
+    case = CASES[index]
+    layers, budget = case_layers(index, case)
+    engine = [replace(o, keys=o.keys.float().transpose(1, 2).contiguous().transpose(1, 2))
+              for o in layers]
+    for name, params in VARIANTS:
+        key = variant_key(name, params)
+        got = plan_record(get_policy(name, **params).plan(engine, budget), case["n"])
+        assert torch.equal(got["keep_mask"], golden["plans"][(index, key)]["keep_mask"]), key
+
+
+@pytest.mark.parametrize("index", [1, 3])
+def test_plans_with_layers_stacked_as_on_a_gpu(golden, index: int, monkeypatch) -> None:
+    """A GPU stacks the layers (`stacks_layers`); on CPU each layer goes alone. The stacked
+    path, forced here on CPU, keeps the recorded tokens too."""
+    from vllm_entropy_kv.policies import entropy_merge, stats
+
+    monkeypatch.setattr(stats, "stacks_layers", lambda device: True)
+    monkeypatch.setattr(entropy_merge, "stacks_layers", lambda device: True)
+    case = CASES[index]
+    layers, budget = case_layers(index, case)
+    for name, params in VARIANTS:
+        key = variant_key(name, params)
+        got = plan_record(get_policy(name, **params).plan(layers, budget), case["n"])
+        want = golden["plans"][(index, key)]
+        assert torch.equal(got["keep_mask"], want["keep_mask"]), key
+        assert torch.equal(got["counts"], want["counts"]), key

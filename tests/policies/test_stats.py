@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from vllm_entropy_kv.policies.stats import (
     attention_output,
     attention_probs,
     attention_stats,
+    attention_stats_batch,
     compressed_kv,
     layer_entropies,
     prompt_length,
@@ -105,6 +107,23 @@ def test_group_reduce() -> None:
     torch.testing.assert_close(aggregate_heads(scores, 2), torch.tensor([1.5, 2.0]))
     with pytest.raises(ValueError, match="group_reduce"):
         reduce_groups(scores, 2, "median")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("chunk", [None, 1 << 12])
+def test_stacked_layers_and_keys_in_place_agree(make_layers, chunk: int | None) -> None:
+    """The GPU's batching (layers stacked per step) and the CPU's (each layer's keys in place,
+    here in the engine's storage with positions contiguous) compute the same statistics;
+    `chunk` 4096 also splits the window into query chunks."""
+    layers = make_layers(num_layers=5, q_heads=6, kv_heads=2, n=300, window=16, seed=4)
+    engine_keys = [replace(o, keys=o.keys.transpose(1, 2).contiguous().transpose(1, 2))
+                   for o in layers]
+    stacked = attention_stats_batch(layers, 16, token_entropy=True, chunk_elements=chunk,
+                                    stacked=True)
+    in_place = attention_stats_batch(engine_keys, 16, token_entropy=True,
+                                     chunk_elements=chunk, stacked=False)
+    for part in ("head_scores", "head_entropy", "token_entropy"):
+        torch.testing.assert_close(getattr(in_place, part), getattr(stacked, part),
+                                   atol=1e-5, rtol=1e-5, msg=lambda m, p=part: f"{p}: {m}")
 
 
 def test_half_precision_inputs_compute_in_float32(make_layers) -> None:

@@ -56,6 +56,8 @@ MEMORY_FACTOR = 4.0
 
 def observations(shape: Shape, n: int, dtype: torch.dtype, device: str,
                  seed: int = 0) -> list[LayerObservation]:
+    """Random queries and values in `dtype`; keys as the engine reads them back from the
+    cache (`BlockLayout.gather`): `dtype` values, held in float32 with positions contiguous."""
     gen = torch.Generator().manual_seed(seed)
     layers = []
     for i in range(shape.layers):
@@ -64,7 +66,8 @@ def observations(shape: Shape, n: int, dtype: torch.dtype, device: str,
         q = torch.randn(shape.q_heads, shape.window, shape.head_size, generator=gen) * sharp
         k = torch.randn(shape.kv_heads, n, shape.head_size, generator=gen)
         v = torch.randn(shape.kv_heads, n, shape.head_size, generator=gen)
-        layers.append(LayerObservation(q.to(device, dtype), k.to(device, dtype),
+        keys = k.to(dtype).to(device, torch.float32).transpose(1, 2).contiguous()
+        layers.append(LayerObservation(q.to(device, dtype), keys.transpose(1, 2),
                                        v.to(device, dtype), shape.head_size**-0.5))
     return layers
 
@@ -246,7 +249,8 @@ def describe(args: argparse.Namespace, argv: list[str] | None) -> str:
     text = (f"`{command}`, {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, "
             f"{device_name(args.device)}, torch {torch.__version__}: median seconds of one "
             f"request's `plan` (all layers) over {args.repeats} runs after {args.warmup} "
-            f"warm-up, random {args.dtype} observations, budget {args.budget:g}, "
+            f"warm-up, random {args.dtype} observations (keys held as the engine reads them "
+            f"back: float32, positions contiguous), budget {args.budget:g}, "
             f"{args.block_size}-token blocks. Shapes: {shapes}.")
     if args.reference:
         text += (f" Reference: the checkout in `{args.reference}`, each cell timed right after "

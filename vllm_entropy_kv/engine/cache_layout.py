@@ -76,24 +76,32 @@ class BlockLayout:
     def gather(
         self, kv_cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `num_tokens` keys and values a block-table row points at. Returns two
-        `[num_kv_heads, num_tokens, head_size]` tensors in the cache's dtype."""
+        """The first `num_tokens` keys and values a block-table row points at, as two
+        `[num_kv_heads, num_tokens, head_size]` tensors: values in the cache's dtype, keys in
+        float32 stored `[num_kv_heads, head_size, num_tokens]`, the layout float32 attention
+        over them (scoring, the biased rows) reads fastest. Converting in the one copy that
+        reorders them costs no more than a plain copy, and spares a second."""
         num_blocks = -(-num_tokens // self.block_size)
         blocks = kv_cache.view(kv_cache.shape[0], -1).index_select(
             0, block_row[:num_blocks].long())
         shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_size)
 
-        def tokens(index: torch.Tensor, strided: StridedTokens | None) -> torch.Tensor:
+        def per_block(index: torch.Tensor, strided: StridedTokens | None) -> torch.Tensor:
+            """[Hkv, blocks, <token dims>, <dim dims>], a view where the layout allows."""
             if strided is None:
-                per_block = blocks[:, index].view(shape).permute(2, 0, 1, 3)
-            else:
-                view = blocks.as_strided((num_blocks, *strided.sizes),
-                                         (blocks.shape[1], *strided.strides), strided.offset)
-                per_block = view.permute(3, 0, 1, 2, 4, 5)
-            return per_block.reshape(self.num_kv_heads, -1, self.head_size)[:, :num_tokens]
+                return blocks[:, index].view(shape).permute(2, 0, 1, 3)
+            view = blocks.as_strided((num_blocks, *strided.sizes),
+                                     (blocks.shape[1], *strided.strides), strided.offset)
+            return view.permute(3, 0, 1, 2, 4, 5)
 
         key, value = self.strided or (None, None)
-        return tokens(self.key_index, key), tokens(self.value_index, value)
+        keys = per_block(self.key_index, key)
+        transposed = torch.empty(self.num_kv_heads, self.head_size, num_blocks * self.block_size,
+                                 dtype=torch.float32, device=blocks.device)
+        transposed.transpose(1, 2).view(keys.shape).copy_(keys)
+        values = per_block(self.value_index, value).reshape(self.num_kv_heads, -1,
+                                                            self.head_size)
+        return transposed.transpose(1, 2)[:, :num_tokens], values[:, :num_tokens]
 
 
 def _strided_tokens(
@@ -139,7 +147,8 @@ def write_tokens(
         num_blocks, num_kv_heads, 2 * block_size, two_d // 2
     ).chunk(2, dim=2)
     ops.cpu_attn_reshape_and_cache(
-        keys.contiguous(), values.contiguous(), key_cache, value_cache, slots.to(torch.int64),
+        keys.to(kv_cache.dtype).contiguous(), values.to(kv_cache.dtype).contiguous(),
+        key_cache, value_cache, slots.to(torch.int64),
         isa, k_scale=k_scale, v_scale=v_scale, kv_cache_dtype=kv_cache_dtype,
     )
 

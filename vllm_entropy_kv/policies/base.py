@@ -50,7 +50,9 @@ class LayerObservation:
     """What one attention layer saw during prefill.
 
     queries: [Hq, W, d] the last W prompt queries (W may be smaller than n).
-    keys, values: [Hkv, n, d] the prompt's keys and values.
+    keys, values: [Hkv, n, d] the prompt's keys and values, in any dtype and strides; scoring
+        reads keys fastest in float32 with positions contiguous (`[Hkv, d, n]` storage), as
+        the engine reads them back.
     scale: the softmax scale the model uses (usually d ** -0.5).
     query_offset: how many positions the last query lies beyond the last key. 0: the queries
         are the last W of the n positions. The engine compresses only a prompt's whole

@@ -17,6 +17,7 @@ from vllm_entropy_kv.policies.selection import (
     mask_positions,
     selection_masks,
 )
+from vllm_entropy_kv.policies.stats import stack_layers, stacks_layers
 
 
 def merge_groups(
@@ -115,15 +116,20 @@ class EntropyMergePolicy(EntropyPolicy):
         num_dropped = torch.tensor([n - kept[i] for i in merging], device=device).view(-1, 1)
         runs = run_ids(dropped.cumsum(1) - 1, num_slots, num_dropped)
         spare = max(slots)  # the group the kept tokens go to, thrown away
-        keys, values, counts = merge_groups(
-            torch.stack([layers[i].keys for i in merging]),
-            torch.stack([layers[i].values for i in merging]),
-            scores.stats.own_kv_head_scores(self.group_reduce).index_select(0, index),
-            torch.where(dropped, runs, spare),
-            spare + 1,
-        )
-        for j, i in enumerate(merging):
-            plans[i].summary_keys = keys[j, :, : slots[i]]
-            plans[i].summary_values = values[j, :, : slots[i]]
-            plans[i].summary_counts = counts[j, : slots[i]]
+        group_ids = torch.where(dropped, runs, spare)
+        weights = scores.stats.own_kv_head_scores(self.group_reduce).index_select(0, index)
+        step = len(merging) if stacks_layers(device) else 1
+        for a in range(0, len(merging), step):
+            batch = merging[a : a + step]
+            keys, values, counts = merge_groups(
+                stack_layers([layers[i].keys for i in batch]),
+                stack_layers([layers[i].values for i in batch]),
+                weights[a : a + step],
+                group_ids[a : a + step],
+                spare + 1,
+            )
+            for j, i in enumerate(batch):
+                plans[i].summary_keys = keys[j, :, : slots[i]]
+                plans[i].summary_values = values[j, :, : slots[i]]
+                plans[i].summary_counts = counts[j, : slots[i]]
         return plans

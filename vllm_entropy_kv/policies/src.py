@@ -425,16 +425,17 @@ class SRCPolicy(ScorerPolicy):
         positions = torch.arange(first, first + m, device=device)
         visible = bin_ids.unsqueeze(1) <= positions.view(1, -1, 1)
         picked = [layers[i] for i in chosen]
-        gather = bin_ids.view(len(chosen), 1, -1, 1)
-        keys = torch.stack([o.keys for o in picked])
-        values = torch.stack([o.values for o in picked])
+        # Each layer's bin tokens, then stacked: stacking whole layers first would copy every
+        # key and value of the prompt.
+        keys = torch.stack([o.keys.index_select(1, ids) for o, ids in zip(picked, bin_ids)])
+        values = torch.stack([o.values.index_select(1, ids) for o, ids in zip(picked, bin_ids)])
         queries = torch.stack([last_queries(o, self.observation_queries) for o in picked])
         if stats.shard is not None:
             queries = stats.shard.own_group_queries(queries, dim=1)
         return summarize_bins(
             queries,
-            keys.gather(2, gather.expand(-1, keys.shape[1], -1, keys.shape[3])),
-            values.gather(2, gather.expand(-1, values.shape[1], -1, values.shape[3])),
+            keys,
+            values,
             torch.tensor([o.scale for o in picked], dtype=torch.float32).to(device),
             rank,
             visible,
