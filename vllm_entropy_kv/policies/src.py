@@ -27,6 +27,7 @@ from vllm_entropy_kv.policies.stats import (
     attention_output,
     attention_stats_batch,
     last_queries,
+    select_positions,
 )
 
 
@@ -427,8 +428,8 @@ class SRCPolicy(ScorerPolicy):
         picked = [layers[i] for i in chosen]
         # Each layer's bin tokens, then stacked: stacking whole layers first would copy every
         # key and value of the prompt.
-        keys = torch.stack([o.keys.index_select(1, ids) for o, ids in zip(picked, bin_ids)])
-        values = torch.stack([o.values.index_select(1, ids) for o, ids in zip(picked, bin_ids)])
+        keys = torch.stack([select_positions(o.keys, ids) for o, ids in zip(picked, bin_ids)])
+        values = torch.stack([select_positions(o.values, ids) for o, ids in zip(picked, bin_ids)])
         queries = torch.stack([last_queries(o, self.observation_queries) for o in picked])
         if stats.shard is not None:
             queries = stats.shard.own_group_queries(queries, dim=1)
