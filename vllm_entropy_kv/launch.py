@@ -145,8 +145,8 @@ def serve_environment(kv_cache_gib: str | None = None) -> dict[str, str]:
     # One core for the engine core's busy loop, the rest for the worker: vLLM's default,
     # pinned so that servers with and without a KV connector run the same thread count.
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
-    # Compression needs whole-prompt prefill: on a 2-core CPU an 8k-token prefill step, or a
-    # 4k one beside other servers, can outlast vLLM's 300 s step timeout, which kills the engine.
+    # On a 2-core CPU beside other servers (tests, benchmarks) a long prefill step can outlast
+    # vLLM's 300 s step timeout, which kills the engine.
     env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "1200")
     # vLLM loads endpoint plugins (GET /v1/kv-policy) only when VLLM_PLUGINS names them, and
     # VLLM_PLUGINS then filters the general plugins too: name both of ours, keep any others.
