@@ -26,7 +26,7 @@ class Swap:
     """What `swap_in_kept_blocks` did to one request."""
 
     kept_block_ids: dict[int, list[int]]  # per KV cache group: the fresh blocks, in order
-    freed_blocks: int  # the pool's free count after minus before (cached ones count as free)
+    freed_blocks: int  # the pool's free count after minus before, >= 0 (cached count as free)
     cached_blocks_released: int  # released originals still in the prefix cache
 
 
@@ -77,7 +77,10 @@ def swap_in_kept_blocks(
         # The blocks from here on get KV computed over the compacted prompt, which their
         # token hashes do not describe: nothing more of this request enters the prefix cache.
         managers[g].num_cached_block[req_id] = _NEVER_HASH
-    freed = pool.get_num_free_blocks() - free_before
+    # Prompt blocks shared with other requests (prefix hits) stay in use when released, so
+    # a swap can take more fresh blocks than it frees; it then frees none (the count feeds
+    # a Prometheus counter, which cannot fall).
+    freed = max(0, pool.get_num_free_blocks() - free_before)
     return Swap(kept_ids, freed, cached_released)
 
 
