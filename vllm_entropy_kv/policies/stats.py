@@ -12,9 +12,10 @@ built. On a GPU the layers are stacked too, so the number of kernel launches doe
 with the number of layers. On a CPU a launch costs microseconds and stacking would copy every
 key (a third of the time), so each layer's keys are read in place, fastest as float32 with
 positions contiguous (`[Hkv, d, n]` storage, as the engine reads them back). Nothing here
-reads a value back to the host. All arithmetic is float32 whatever the input dtype. With a `HeadShard` on the
-observations (tensor parallelism) each shard computes its own heads' statistics and then
-exchanges them (`shards.py`), so every shard returns the statistics of all heads.
+reads a value back to the host. All arithmetic is float32 whatever the input dtype. With a
+`HeadShard` on the observations (tensor parallelism) each shard computes its own heads'
+statistics and then exchanges them (`shards.py`), so every shard returns the statistics of
+all heads.
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ def attention_stats_batch(
     token_entropy: also compute, per key, the normalised entropy of the attention it receives
         across all (head, query) pairs that can see it: 1 = every query attends to it alike
         (diffuse, "high-entropy" token), 0 = one query alone attends to it. SRC uses it.
-    chunk_elements: scores materialised at once; None: the device's default (above).
+    chunk_elements: scores materialised at once; None: the default of the batching (above).
     stacked: batch several layers per step (None: `stacks_layers(device)`).
     """
     n = prompt_length(layers)
@@ -258,11 +259,10 @@ def attention_stats_batch(
     entropy_sum = torch.zeros(num_layers, num_heads, dtype=torch.float32, device=device)
     # sum over (head, query) of p log p per key, for token_entropy.
     plogp = torch.zeros(num_layers, n, dtype=torch.float32, device=device) if token_entropy else None
-    on_cpu = device.type == "cpu"
-    if chunk_elements is None:
-        chunk_elements = CPU_CHUNK_ELEMENTS if on_cpu else DEFAULT_CHUNK_ELEMENTS
     if stacked is None:
         stacked = stacks_layers(device)
+    if chunk_elements is None:
+        chunk_elements = DEFAULT_CHUNK_ELEMENTS if stacked else CPU_CHUNK_ELEMENTS
     # Whole windows of as many layers as fit in chunk_elements (one layer unless stacked),
     # else one layer in query chunks.
     per_query = num_heads * n
