@@ -139,7 +139,7 @@ def test_compacted_cache_reads_as_kept_tokens_plus_tail(policy: str, layout: Lay
     request = CaptureRequest("req-0", 0, 0, n, worker.compressible_tokens(n, config), block_row,
                              config, prompt_tokens=n)
     worker.capture(request, 0, layer, queries, kv_cache, layout.scale, "auto")
-    worker.compact()
+    worker.compact({"req-0"})
     report = worker.take_reports()["req-0"]
     kept = report.kept_tokens[0]
     assert kept % block == 0 and kept < prompt and report.num_tokens == prompt
@@ -266,7 +266,7 @@ def compress_in_chunks(chunks: list[tuple[int, int]], policy: str = "entropy") -
         for i in range(num_layers):
             batch = torch.cat([layout.randn(5, HQ), queries[i][start:end]])
             worker.capture(request, i, layer, batch, caches[i], layout.scale, "auto")
-        worker.compact()
+        worker.compact({"req-0"})
         reports = worker.take_reports()
         assert ("req-0" in reports) == (end == n)  # compressed after the last chunk only
     return reports["req-0"].plan_digest

@@ -86,6 +86,22 @@ def test_keep_all_budget_goes_through_compaction_and_is_token_identical_to_none(
     assert [r["choices"][0]["text"] for r in replies] == greedy_texts(server.url)
 
 
+def test_the_first_token_waits_for_no_compression(entropy_server) -> None:
+    """A request is compressed at the start of its first decode step, not after the forward
+    that samples its first token: one that stops at its first token is never compressed
+    (nothing would read its compressed cache) and its text is `none`'s. The next compressed
+    request is counted alone: its stats come after any the first could have sent."""
+    url = entropy_server.url
+    before = own_counter(url, MetricName.REQUESTS)
+    one = [complete(url, PROMPTS[2], max_tokens=1, cache_salt=cold_salt(), vllm_xargs=xargs)
+           for xargs in ({}, {"kv_policy": "none"})]
+    assert one[0]["choices"][0]["text"] == one[1]["choices"][0]["text"]
+    complete(url, PROMPTS[1], max_tokens=4, ignore_eos=True, cache_salt=cold_salt())
+    after = wait_for_own_counter(url, MetricName.REQUESTS, before + 1)
+    assert after == before + 1
+    assert wait_for_idle_cache(url) == 0
+
+
 # Decode tokens while KV usage is read: the KV of positions prompt .. prompt + 31 spans the
 # prompt's last (partial) block and at most one more block per layer.
 DECODE_TOKENS = 33

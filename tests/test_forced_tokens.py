@@ -110,7 +110,8 @@ def test_forced_tokens_get_the_models_logprobs_over_the_compressed_cache(
     print("forced - prompt logprobs:", [round(a - b, 4) for a, b in zip(full, in_prompt)])
     assert full == pytest.approx(in_prompt, abs=PROMPT_VS_DECODE_TOLERANCE[default_dtype()])
     # Compressed, the first token (predicted by the prefill, before compression) is the same
-    # and the others are read over the compressed cache.
+    # and the later ones are read over the compressed cache (from the third on: the request is
+    # compacted at the start of its first decode step).
     compressed = forced(entropy_server.url, context, continuation, "entropy")
     assert compressed[0] == pytest.approx(full[0], abs=2e-3)
     assert max(abs(a - b) for a, b in zip(compressed[1:], full[1:])) > 1e-2

@@ -1,5 +1,6 @@
-"""Compression with vLLM's own scheduling left on: chunked prefill (512-token chunks against
-prompts of up to 1.9k tokens) and async scheduling, on real servers.
+"""Compression with vLLM's own scheduling left as vLLM sets it: chunked prefill (512-token
+chunks against prompts of up to 1.9k tokens), and async scheduling, which vLLM's CPU platform
+turns off (docs/ENGINE.md argues the ordering with it on), on real servers.
 
 These servers run float32 whatever the CPU's fast dtype: the plan comparison needs a prompt
 computed in chunks to give bit-identical queries to one computed at once, which bf16's
@@ -34,8 +35,8 @@ PLAN_PROMPT = prompt_of_words(1050, 12000)
 
 @pytest.fixture(scope="module")
 def chunked_server() -> Iterator[VllmServer]:
-    """Entropy at 0.25, vLLM's chunked prefill in 512-token chunks and async scheduling (on
-    by default), a pool of 65 blocks per layer: 2k tokens of full KV and vLLM's null block."""
+    """Entropy at 0.25, vLLM's chunked prefill in 512-token chunks, a pool of 65 blocks per
+    layer: 2k tokens of full KV and vLLM's null block."""
     srv = start_server("chunked-entropy", "entropy", [
         *ENTROPY, "--max-num-batched-tokens", str(CHUNK), "--max-model-len", "2048",
         "--num-gpu-blocks-override", str(65 * 30),
@@ -106,7 +107,7 @@ def test_concurrent_requests_with_preemption_decode_what_they_decode_alone(
     chunked_server: VllmServer,
 ) -> None:
     """Sixteen requests at once in a pool that cannot hold them (compression frees blocks
-    while others prefill in chunks, async scheduling hands them on, decode runs out and
+    while others prefill in chunks, the scheduler hands them on, decode runs out and
     preempts), then the same requests one at a time. The server checks every step that no
     KV block is read by two requests or layers (`CHECK_BLOCKS_ENV`; it would stop the
     engine), and the texts are the same except where a preemption made a difference: a

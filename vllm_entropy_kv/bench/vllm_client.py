@@ -2,8 +2,8 @@
 
 For each workload two servers are started one after the other with the same KV memory, the
 same dtype and the same `--max-model-len`: *stock*, `--kv-policy none` (the plugin changes
-nothing: vLLM's chunked prefill, async scheduling, step budget and block size stay its
-defaults), and *entropy@B*, `--kv-policy entropy --kv-budget B`. `vllm bench serve` (random
+nothing: vLLM's chunked prefill, async scheduling (which vLLM's CPU platform turns off),
+step budget and block size stay as vLLM sets them), and *entropy@B*, `--kv-policy entropy --kv-budget B`. `vllm bench serve` (random
 prompts, `--save-result`) drives each; `vllm:num_requests_running` is sampled from /metrics
 while it runs for the peak, and `vllm:num_preemptions_total` is read before and after.
 """
@@ -256,7 +256,8 @@ def client_environment() -> dict[str, str]:
 
 def scheduling_problems(log: str, stock: bool) -> list[str]:
     """What in a server's log says vLLM's scheduling defaults were not kept: chunked prefill
-    off, async scheduling disabled, or (stock only) any setting the plugin changed."""
+    off, async scheduling disabled by a flag (vLLM's CPU platform turns it off without a
+    log line, on every server alike), or (stock only) any setting the plugin changed."""
     problems = []
     if "enable_chunked_prefill=True" not in log:
         problems.append("chunked prefill is off")
@@ -297,7 +298,8 @@ def measure(comparison: Comparison, workloads: Sequence[Workload], budget: float
                                    f"(log: {server.log_path})")
             if workload is workloads[0] and round_index == 0:
                 comparison.checks.append(
-                    f"{side.label}: chunked prefill and async scheduling on; " + (
+                    f"{side.label}: chunked prefill on (async scheduling off: vLLM's CPU "
+                    "platform's choice); " + (
                         "no vllm-entropy-kv WARNING line" if stock else
                         "the plugin changed " + (", ".join(adjustments(log)) or "nothing")))
             comparison.add(side.label, workload.name, run_client(
@@ -384,7 +386,8 @@ def render(comparison: Comparison, workloads: Sequence[Workload], budget: float,
         "workload, one after the other, each started by the launcher with the same dtype, "
         "`--max-model-len` and KV bytes (`--num-gpu-blocks-override`), in "
         f"{rounds} round{'s' if rounds != 1 else ''}, each on fresh servers: **stock** "
-        "`--kv-policy none` (vLLM's defaults: chunked prefill, async scheduling, "
+        "`--kv-policy none` (vLLM's defaults: chunked prefill, async scheduling as its CPU "
+        "platform sets it (off), "
         "`max_num_batched_tokens`, block size) and "
         f"**entropy@{budget:g}** `--kv-policy entropy --kv-budget {budget:g}` (32-token blocks, "
         "one KV cache group per layer; prefix caching on since 2026-12-05). Each cell is the "

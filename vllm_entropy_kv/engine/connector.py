@@ -1,14 +1,15 @@
 """The KV connector: vLLM's in-tree channel between the worker (which sees attention) and
 the scheduler (which owns blocks). It transfers no KV; it carries compression plans.
 
-Worker side: `wait_for_save` (end of each forward) plans the requests whose prefill ended in
-that forward; `build_connector_worker_meta` ships the reports. Scheduler side:
+Worker side: `handle_preemptions`, vLLM's hook before a step's inputs are prepared, plans
+the requests whose prefill ended in an earlier step and that this step still schedules
+(planning after the forward of the last chunk would delay the first token by the whole
+compaction); `build_connector_worker_meta` ships the reports. Scheduler side:
 `update_connector_output` gives each reported request fresh blocks for its kept tokens in
 place of its prompt blocks, which it releases (`engine/block_table.py`); the next
 `build_connector_meta` sends the fresh block ids, and the worker writes the kept tokens into
-them in `handle_preemptions`, vLLM's hook before a step's inputs are prepared. The same
-metadata tells the worker which requests start a prefill (a prefix-cache hit starts one past
-position 0).
+them in `handle_preemptions`. The same metadata tells the worker which requests start a
+prefill (a prefix-cache hit starts one past position 0) and which requests the step runs.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class EntropyKVConnectorMetadata(KVConnectorMetadata):
     kept_blocks: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     # Planned requests left uncompressed (gone, or no room for their kept blocks).
     dropped: set[str] = field(default_factory=set)
+    # Every request this step runs: a finished prefill is planned only while its request
+    # still holds its blocks.
+    scheduled: set[str] = field(default_factory=set)
 
 
 class RanksDisagreeError(RuntimeError):
@@ -141,13 +145,15 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
     # Worker side.
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         """Called first in each step, before its inputs are prepared (metadata builders
-        included), on every rank."""
+        included), on every rank: after the previous step's output went out, and before
+        this step's forward writes any block the scheduler handed on."""
         assert isinstance(kv_connector_metadata, EntropyKVConnectorMetadata)
         worker = compression_worker()
         for req_id, prompt_tokens in kv_connector_metadata.started.items():
             worker.start_prefill(req_id, prompt_tokens)
         for req_id in kv_connector_metadata.dropped:
             worker.drop_plan(req_id)
+        worker.compact(kv_connector_metadata.scheduled)
         for req_id, block_ids in kv_connector_metadata.kept_blocks.items():
             worker.write_kept(req_id, block_ids)
 
@@ -164,7 +170,6 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
         worker = compression_worker()
         if worker.checks_blocks:
             worker.check_blocks_read()
-        worker.compact()
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         reports = compression_worker().take_reports()
@@ -218,6 +223,7 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
             started={req_id: self._requests[req_id].num_prompt_tokens for req_id in started
                      if req_id in self._requests},
             dropped=self._dropped,
+            scheduled=set(scheduler_output.num_scheduled_tokens),
         )
         managers = self._managers()
         for req_id, kept in self._kept_blocks.items():

@@ -6,16 +6,19 @@ Timeline of one request, all in the worker process:
    `CompressionWorker.capture` the queries of the observation window (the prompt's last W
    positions) that its chunk holds. Nothing else is kept: keys and values are in the paged
    cache.
-2. After the forward of the prompt's last chunk (step t, `wait_for_save` of the connector),
+2. Step t, the forward of the prompt's last chunk, samples the first token as stock vLLM
+   does: no compression work delays it.
+3. At the start of the request's next step (t+1, `handle_preemptions` of the connector),
    `compact` reads each layer's prompt keys and values back from the paged cache
    (`cache_layout`), runs the policy over all layers and keeps each layer's kept tokens
    (and summaries) aside; its report says how many blocks each layer keeps. The prompt's
    blocks are not touched: other requests may share them through the prefix cache.
-3. The scheduler hears of the report, gives the request fresh blocks for the kept tokens in
-   place of its prompt blocks and releases those (`engine/block_table.py`); at the start of
-   step t+2 the connector hands the worker the fresh block ids (`write_kept`), which writes
-   the kept tokens into them before the step's forward.
-4. Later steps: the metadata builder gives the kernel a virtual block-table row of the kept
+4. The scheduler hears of the report with step t+1's output, gives the request fresh
+   blocks for the kept tokens in place of its prompt blocks and releases those
+   (`engine/block_table.py`); at the start of the next step it schedules, the connector
+   hands the worker the fresh block ids (`write_kept`), which writes the kept tokens into
+   them before the step's forward.
+5. Later steps: the metadata builder gives the kernel a virtual block-table row of the kept
    blocks followed by the tail, and a physical sequence length; positions and slot mapping
    stay logical. docs/ENGINE.md says why no step reads a block another request was given.
 
@@ -31,6 +34,7 @@ import hashlib
 import os
 import time
 import weakref
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -325,9 +329,13 @@ class CompressionWorker:
                 f"(layers, logical positions or a request's kept blocks) in one step: "
                 f"{readers[:8]}")
 
-    def compact(self) -> None:
-        """Plan every request whose prompt's last chunk ran in this forward."""
-        complete = [req_id for req_id, p in self.pending.items() if p.complete]
+    def compact(self, scheduled: Collection[str]) -> None:
+        """Plan every request whose prompt's last chunk ran in an earlier step and that
+        `scheduled` (this step's requests) still holds: its blocks are its own until this
+        step's output is processed. A request that finished or was preempted meanwhile is
+        left pending until `finish` or `start_prefill` drops it."""
+        complete = [req_id for req_id, p in self.pending.items()
+                    if p.complete and req_id in scheduled]
         group = tensor_parallel_group() if complete else None
         for req_id in complete:
             request = self.pending.pop(req_id)
