@@ -107,9 +107,9 @@ def test_vllm_bench_table_reads_the_clients_saved_results() -> None:
     from vllm_entropy_kv.bench.vllm_client import ClientRun, Comparison, Workload, \
         comparison_table, rounds_table
 
-    def run(name: str, peak_kv_usage: float) -> ClientRun:
+    def run(name: str, peak_kv_usage: float, prefix_hit_rate: float = 0.0) -> ClientRun:
         return ClientRun(json.loads((DATA / name).read_text()), {
-            "peak_running": 4, "preemptions": 0, "prefix_hit_rate": 0.0,
+            "peak_running": 4, "preemptions": 0, "prefix_hit_rate": prefix_hit_rate,
             "peak_kv_usage": peak_kv_usage, "idle_kv_usage": 0.0})
 
     comparison = Comparison()
@@ -132,6 +132,14 @@ def test_vllm_bench_table_reads_the_clients_saved_results() -> None:
     rounds = rounds_table(comparison, workloads, 0.25)
     ttft = next(line for line in rounds.splitlines() if "| mean TTFT s |" in line)
     assert "| 1.20, 0.84 | 1.00x [" in ttft  # 2.65/2.22 and back: a geometric mean of 1
+
+    # A round where entropy found no prefix hit that stock found: its ratio is 0, listed,
+    # and no geometric mean is made of it (log 0).
+    comparison.add("stock", "random", run("vllm-bench-stock.json", 0.8, prefix_hit_rate=0.06))
+    comparison.add("entropy@0.25", "random", run("vllm-bench-entropy.json", 0.2))
+    rounds = rounds_table(comparison, workloads, 0.25)
+    hits = next(line for line in rounds.splitlines() if "| prefix hit rate |" in line)
+    assert hits.endswith("| 0.00 | – (a ratio of 0) |"), hits
 
 
 def test_geometric_mean_interval_of_paired_ratios() -> None:

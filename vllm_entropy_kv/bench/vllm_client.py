@@ -354,11 +354,14 @@ def rounds_table(comparison: Comparison, workloads: Sequence[Workload], budget: 
             ratios = [entropy[key] / stock[key] for stock, entropy in pairs if stock[key]]
             if not ratios:
                 continue
-            mean, low, high = report.geometric_mean_interval(ratios)
-            rows.append([workload.name, headers[key],
-                         ", ".join(f"{r:.2f}" for r in ratios),
-                         f"{mean:.2f}x" + (f" [{low:.2f}, {high:.2f}]" if len(ratios) > 1
-                                           else "")])
+            if min(ratios) > 0:
+                mean, low, high = report.geometric_mean_interval(ratios)
+                summary = f"{mean:.2f}x" + (f" [{low:.2f}, {high:.2f}]" if len(ratios) > 1
+                                            else "")
+            else:  # a round where entropy measured 0 (no prefix hit): no geometric mean
+                summary = "– (a ratio of 0)"
+            rows.append([workload.name, headers[key], ", ".join(f"{r:.2f}" for r in ratios),
+                         summary])
     return report.table(["workload", "column", "entropy / stock, per round",
                          "geometric mean [95% interval]"], rows)
 
