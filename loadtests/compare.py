@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.duration} s per server, a KV pool of {args.kv_tokens} tokens for both "
         f"(`--num-gpu-blocks-override`: `none` is stock vLLM with its {STOCK_BLOCK_SIZE}-token "
         "blocks of all layers, the policy has 32-token blocks of one layer each), vLLM's "
-        "defaults otherwise (chunked prefill, async scheduling, prefix caching), one server "
+        "defaults otherwise (chunked prefill, prefix caching; async scheduling off, as vLLM's "
+        "CPU platform sets it), one server "
         "at a time; "
         f"{machine_description(default_dtype(), COMPRESSION_BLOCK_SIZE)}. Latencies are of "
         "whole requests (streams included); TTFT/TPOT rows are the locust METRIC entries.",
