@@ -3,9 +3,10 @@
 For each workload two servers are started one after the other with the same KV memory, the
 same dtype and the same `--max-model-len`: *stock*, `--kv-policy none` (the plugin changes
 nothing: vLLM's chunked prefill, async scheduling (which vLLM's CPU platform turns off),
-step budget and block size stay as vLLM sets them), and *entropy@B*, `--kv-policy entropy --kv-budget B`. `vllm bench serve` (random
-prompts, `--save-result`) drives each; `vllm:num_requests_running` is sampled from /metrics
-while it runs for the peak, and `vllm:num_preemptions_total` is read before and after.
+step budget and block size stay as vLLM sets them), and *entropy@B*, `--kv-policy entropy
+--kv-budget B`. `vllm bench serve` (random prompts, `--save-result`) drives each;
+`vllm:num_requests_running` is sampled from /metrics while it runs for the peak, and
+`vllm:num_preemptions_total` is read before and after.
 """
 
 from __future__ import annotations
@@ -358,7 +359,7 @@ def rounds_table(comparison: Comparison, workloads: Sequence[Workload], budget: 
                 mean, low, high = report.geometric_mean_interval(ratios)
                 summary = f"{mean:.2f}x" + (f" [{low:.2f}, {high:.2f}]" if len(ratios) > 1
                                             else "")
-            else:  # a round where entropy measured 0 (no prefix hit): no geometric mean
+            else:  # a round where entropy measured 0 (a sampled column): no geometric mean
                 summary = "– (a ratio of 0)"
             rows.append([workload.name, headers[key], ", ".join(f"{r:.2f}" for r in ratios),
                          summary])
