@@ -121,3 +121,51 @@ def test_quick_run_writes_sane_results(tmp_path: Path) -> None:
     assert "full cache" in text and "Perplexity" in text
     assert (tmp_path / "img" / "ppl_vs_ratio.png").stat().st_size > 1000
     assert (tmp_path / "img" / "memory_over_time.png").stat().st_size > 1000
+
+
+def _greedy_alone(model, kv, prompt: torch.Tensor, use_bias: bool, steps: int):
+    """The reference: one state on its own DynamicCache (bias, no padding, no slot buffers)."""
+    step = model.forward(prompt, kv, use_bias=use_bias, logits=slice(-1, None))
+    first, tokens = step.logits[0, -1], []
+    for _ in range(steps):
+        tokens.append(int(step.logits[0, -1].argmax()))
+        step = model.forward(torch.tensor([[tokens[-1]]]), step.kv, use_bias=use_bias,
+                             logits=slice(-1, None))
+    return first, model.tokenizer.decode(tokens)
+
+
+@requires_assets
+def test_batched_decoding_equals_one_state_at_a_time(model, document) -> None:
+    """States of different lengths and biases decoded in stacked, padded batches give each
+    state's own logits and greedy tokens."""
+    from vllm_entropy_kv.eval.cache import apply_plans, stack
+    from vllm_entropy_kv.eval.capture import prefill
+    from vllm_entropy_kv.eval.decode import batches, greedy_answers
+    from vllm_entropy_kv.eval.plans import make_plans
+    from vllm_entropy_kv.policies import get_policy
+
+    context, prompt = document.context[:, :-1], document.context[:, -1:]
+    n = context.shape[1]
+    layers = prefill(model, context, None).observations(32)
+    cells = [("none", 1.0, True), ("entropy-merge", 0.25, True), ("entropy-merge", 0.25, False),
+             ("streaming", 0.25, True), ("entropy", 0.5, True)]
+    plans = [make_plans(get_policy(name), layers, ratio).plans for name, ratio, _ in cells]
+    assert plans[1][0].num_summaries > 0, "the bias cells need summary tokens"
+    use_bias = [bias for *_, bias in cells]
+    states = [apply_plans(layers, p, n) for p in plans]
+    steps = 12
+
+    groups = batches(model, states)
+    assert sorted(i for g in groups for i in g) == list(range(len(cells)))
+    with torch.inference_mode():
+        stacked = model.forward(prompt.expand(len(states), -1), stack(states, use_bias, room=1),
+                                logits=slice(-1, None))
+        answers = greedy_answers(model, states, use_bias, prompt, steps, [lambda _: False] * 5)
+        for row, state in enumerate(states):
+            first, alone = _greedy_alone(model, apply_plans(layers, plans[row], n), prompt,
+                                         use_bias[row], steps)
+            torch.testing.assert_close(stacked.logits[row, -1], first, rtol=1e-4, atol=1e-4)
+            assert answers[row] == alone, cells[row]
+    assert [s.physical_tokens() for s in states] == [
+        [p.num_physical for p in plan] for plan in plans
+    ], "decoding must not grow the caller's states"

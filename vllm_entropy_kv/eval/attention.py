@@ -46,12 +46,15 @@ class AttentionState:
     bias: per layer, an additive score bias [b] for the first b cached tokens (log of how many
         tokens a summary stands for, Attention Matching), or None.
     use_bias: switch the bias off to measure summaries without it.
+    key_mask: per layer, an additive [rows, slots] mask over the cached slots of a stacked
+        batch (`cache.stack`), in place of `bias`.
     records: filled per layer index when `record_queries` is set.
     """
 
     record_queries: slice | None = None
     bias: list[torch.Tensor | None] | None = None
     use_bias: bool = True
+    key_mask: list[torch.Tensor] | None = None
     records: dict[int, LayerRecord] = field(default_factory=dict)
 
     def layer_bias(self, layer: int) -> torch.Tensor | None:
@@ -90,11 +93,13 @@ def eval_attention(
     kv_eval: AttentionState | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA (GQA-aware) over [batch=1, heads, tokens, d] with the harness's own mask and bias."""
+    """SDPA (GQA-aware) over [rows, heads, tokens, d] with the harness's own mask and bias; more
+    than one row only for a stacked batch (`kv_eval.key_mask`)."""
     if attention_mask is not None:
         raise ValueError("the eval attention builds its own mask; pass no attention_mask")
-    if query.shape[0] != 1:
-        raise ValueError("the eval harness runs one sequence at a time")
+    stacked = kv_eval is not None and kv_eval.key_mask is not None
+    if query.shape[0] != 1 and not stacked:
+        raise ValueError("the eval harness runs one sequence at a time, or a stacked batch")
     layer = module.layer_idx
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     bias = None
@@ -109,6 +114,10 @@ def eval_attention(
         bias = kv_eval.layer_bias(layer)
     q_len, kv_len = query.shape[2], key.shape[2]
     mask = build_mask(q_len, kv_len, bias, query.dtype)
+    if stacked:
+        assert kv_eval is not None and kv_eval.key_mask is not None
+        rows = kv_eval.key_mask[layer][:, None, None, :kv_len].to(query.dtype)
+        mask = rows if mask is None else rows + mask
     out = F.scaled_dot_product_attention(
         query,
         key,

@@ -68,16 +68,19 @@ class Model:
         use_bias: bool = True,
         logits: slice | None = None,
     ) -> Step:
-        """Run `input_ids` [1, m] after `kv` (None: an empty cache) at logical positions
-        kv.position .. kv.position + m - 1; the cache grows in place.
+        """Run `input_ids` [rows, m] after `kv` (None: an empty cache) at logical positions
+        kv.position .. kv.position + m - 1; the cache grows in place. More than one row only
+        over a stacked state (`cache.stack`).
 
         record: which of this chunk's query positions to record per layer (with the layer's
             full keys and values). logits: the positions to compute logits for (None: none).
         """
         kv = kv if kv is not None else KVState.empty()
         m = input_ids.shape[1]
-        state = AttentionState(record_queries=record, bias=kv.bias, use_bias=use_bias)
-        positions = torch.arange(kv.position, kv.position + m).unsqueeze(0)
+        state = AttentionState(
+            record_queries=record, bias=kv.bias, use_bias=use_bias, key_mask=kv.key_mask
+        )
+        positions = torch.arange(kv.position, kv.position + m).expand(input_ids.shape[0], m)
         hidden = self.lm.model(
             input_ids=input_ids,
             position_ids=positions,
@@ -86,13 +89,14 @@ class Model:
             kv_eval=state,
         ).last_hidden_state
         kv.position += m
-        out = None if logits is None else self.lm.lm_head(hidden[0, logits]).float()
+        out = None if logits is None else self.lm.lm_head(hidden[:, logits]).float()
         return Step(logits=out, records=state.records, kv=kv)
 
 
 @dataclass
 class Step:
-    """The result of `Model.forward`: logits [positions, vocab] or None, per-layer records."""
+    """The result of `Model.forward`: logits [rows, positions, vocab] or None, per-layer
+    records."""
 
     logits: torch.Tensor | None
     records: dict[int, LayerRecord]

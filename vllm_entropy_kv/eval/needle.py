@@ -9,13 +9,14 @@ A hit is the key phrase in the answer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from vllm_entropy_kv.eval.cache import KVState, apply_plans
+from vllm_entropy_kv.eval.cache import apply_plans
 from vllm_entropy_kv.eval.capture import prefill
+from vllm_entropy_kv.eval.decode import greedy_answers
 from vllm_entropy_kv.eval.model import Model
 from vllm_entropy_kv.eval.plans import Match, Planner, Variant, build_policies, cases, widest_window
 from vllm_entropy_kv.eval.progress import Progress
@@ -86,38 +87,6 @@ def has_key_phrase(answer: str) -> bool:
     return KEY_PHRASE in answer.lower()
 
 
-def greedy_answer(
-    model: Model,
-    kv: KVState,
-    prompt: torch.Tensor,
-    max_new_tokens: int,
-    use_bias: bool = True,
-    done: Callable[[str], bool] | None = None,
-) -> str:
-    """Greedy decoding after `prompt`; stops at end of turn, after `max_new_tokens`, or as soon
-    as `done(answer so far)` holds (default: the key phrase has appeared); callers stop where
-    the verdict cannot change any more."""
-    done = done or has_key_phrase
-    tok = model.tokenizer
-    stops = {
-        i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if i is not None
-    }
-    step = model.forward(prompt, kv, use_bias=use_bias, logits=slice(-1, None))
-    tokens: list[int] = []
-    for _ in range(max_new_tokens):
-        assert step.logits is not None
-        nxt = int(step.logits[-1].argmax())
-        if nxt in stops:
-            break
-        tokens.append(nxt)
-        if done(tok.decode(tokens)):
-            break
-        step = model.forward(
-            torch.tensor([[nxt]]), step.kv, use_bias=use_bias, logits=slice(-1, None)
-        )
-    return tok.decode(tokens)
-
-
 def run_needle(
     model: Model,
     variants: Sequence[Variant],
@@ -148,7 +117,10 @@ def run_needle(
             for variant, ratio in todo:
                 result = planner(variant.policy, ratio)
                 kv = apply_plans(layers, result.plans, n)
-                answer = greedy_answer(model, kv, prompt.question, max_new_tokens, variant.use_bias)
+                answer = greedy_answers(
+                    model, [kv], [variant.use_bias], prompt.question, max_new_tokens,
+                    [has_key_phrase],
+                )[0]
                 hit = has_key_phrase(answer)
                 rows.append(
                     {

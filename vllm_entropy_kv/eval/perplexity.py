@@ -45,5 +45,5 @@ def score_continuation(
     m = continuation.shape[1]
     step = model.forward(continuation, kv, record=record, use_bias=use_bias, logits=slice(0, m - 1))
     assert step.logits is not None
-    nll = F.cross_entropy(step.logits, continuation[0, 1:], reduction="sum")
+    nll = F.cross_entropy(step.logits[0], continuation[0, 1:], reduction="sum")
     return Scored(nll=float(nll), tokens=m - 1, records=step.records)

@@ -78,7 +78,7 @@ def run_stream(
                 ids, kv, record=record, use_bias=variant.use_bias, logits=slice(0, m - 1)
             )
             assert step.logits is not None
-            nll += float(F.cross_entropy(step.logits, ids[0, 1:], reduction="sum"))
+            nll += float(F.cross_entropy(step.logits[0], ids[0, 1:], reduction="sum"))
             tokens += m - 1
             points.append(cache_point(model, kv))
             if not variant.is_reference and points[-1][1] > budget_tokens:

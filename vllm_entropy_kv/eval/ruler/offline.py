@@ -14,8 +14,8 @@ from transformers import PreTrainedTokenizerBase
 
 from vllm_entropy_kv.eval.cache import apply_plans
 from vllm_entropy_kv.eval.capture import prefill
+from vllm_entropy_kv.eval.decode import greedy_answers
 from vllm_entropy_kv.eval.model import Model
-from vllm_entropy_kv.eval.needle import greedy_answer
 from vllm_entropy_kv.eval.plans import PlanResult, make_plans, widest_window
 from vllm_entropy_kv.eval.progress import Progress
 from vllm_entropy_kv.eval.results import Row
@@ -52,37 +52,39 @@ def grid(
 
 
 def run_sample(model: Model, sample: Sample, pairs: Sequence[tuple[Arm, float]]) -> list[Row]:
-    """Every (arm, ratio) of `pairs` on one prefill of `sample`: one row each."""
+    """Every (arm, ratio) of `pairs` on one prefill of `sample`: one row each, all decoded
+    together (`decode.greedy_answers`)."""
     ids = torch.tensor([prompt_ids(model.tokenizer, sample)])
     context, last = ids[:, :-1], ids[:, -1:]
     built = {a.plan_key: a.build() for a, _ in pairs}
     window = widest_window(list(built.values()))
     layers = prefill(model, context, window).observations(None)
     plans: dict[tuple, PlanResult] = {}
-    rows = []
+    applied, states = [], []
     for a, ratio in pairs:
         key = (a.plan_key, ratio)
         if key not in plans:
             plans[key] = make_plans(built[a.plan_key], layers, ratio)
-        result = plans[key]
-        applied = a.applied(result.plans)
-        kv = apply_plans(layers, applied, context.shape[1])
-        answer = greedy_answer(
-            model, kv, last, sample.max_new_tokens, a.use_bias,
-            done=lambda text: sample.score(text) == 1.0,
-        )
-        rows.append({
+        applied.append(a.applied(plans[key].plans))
+        states.append(apply_plans(layers, applied[-1], context.shape[1]))
+    answers = greedy_answers(
+        model, states, [a.use_bias for a, _ in pairs], last, sample.max_new_tokens,
+        [lambda text: sample.score(text) == 1.0] * len(pairs),
+    )
+    return [
+        {
             "task": sample.task,
             "tokens": ids.shape[1],
             "arm": a.label,
             "policy": a.policy,
             "ratio": ratio,
-            "kept": sum(p.num_physical for p in applied) / (len(applied) * context.shape[1]),
+            "kept": sum(p.num_physical for p in kept) / (len(kept) * context.shape[1]),
             "score": sample.score(answer),
             "answer": answer,
-            "plan_seconds": result.seconds,
-        })
-    return rows
+            "plan_seconds": plans[(a.plan_key, ratio)].seconds,
+        }
+        for (a, ratio), kept, answer in zip(pairs, applied, answers, strict=True)
+    ]
 
 
 def run_suite(
