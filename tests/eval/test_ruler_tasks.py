@@ -70,3 +70,19 @@ def test_served_cross_check_pairs_the_same_samples() -> None:
     text = cross_check(offline, served)
     line = text.splitlines()[2]
     assert "| 20 |" in line and "| yes | 19/20 |" in line
+
+
+def test_arm_variants_set_policy_fields() -> None:
+    from vllm_entropy_kv.eval.ruler.arms import arm
+
+    variant = arm("entropy:observation_queries=8:exponent=0.5")
+    policy = variant.build()
+    assert (policy.observation_queries, policy.exponent, policy.chunk_size) == (8, 0.5, 32)
+    assert variant.label == "entropy:observation_queries=8:exponent=0.5"
+    # The same settings in another order share the plan of the first.
+    assert arm("entropy:exponent=0.5:observation_queries=8").plan_key == variant.plan_key
+    assert arm("entropy:observation_queries=none").build().observation_queries is None
+    with pytest.raises(ValueError, match="fields: chunk_size, exponent"):
+        arm("entropy:window=8")
+    with pytest.raises(ValueError, match="policy:field=value"):
+        arm("entropy-fast")

@@ -109,6 +109,19 @@ def test_group_reduce() -> None:
         reduce_groups(scores, 2, "median")  # type: ignore[arg-type]
 
 
+def test_head_max_keeps_what_adakv_flattened_top_k_covers() -> None:
+    """AdaKV takes the top entries of all heads' scores together; under one shared token set
+    the first B distinct tokens of that walk are the B tokens whose best head scores highest."""
+    scores = torch.rand(4, 3, 200, generator=torch.Generator().manual_seed(3))  # [L, Hkv, n]
+    layer = aggregate_heads(scores, 3, head_reduce="max")
+    for i in range(scores.shape[0]):
+        walk = scores[i].flatten().argsort(descending=True) % scores.shape[-1]
+        covered = list(dict.fromkeys(walk.tolist()))[:50]
+        assert set(layer[i].topk(50).indices.tolist()) == set(covered)
+    with pytest.raises(ValueError, match="head_reduce"):
+        aggregate_heads(scores, 3, head_reduce="sum")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("chunk", [None, 1 << 12])
 def test_stacked_layers_and_keys_in_place_agree(make_layers, chunk: int | None) -> None:
     """The GPU's batching (layers stacked per step) and the CPU's (each layer's keys in place,

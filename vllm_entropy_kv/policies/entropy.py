@@ -14,7 +14,7 @@ from vllm_entropy_kv.policies.selection import (
     carry_forward,
     chunk_scores,
 )
-from vllm_entropy_kv.policies.stats import GroupReduce, attention_stats_batch
+from vllm_entropy_kv.policies.stats import GroupReduce, HeadReduce, attention_stats_batch
 
 
 @register_policy
@@ -34,6 +34,9 @@ class EntropyPolicy(ScorerPolicy):
     exponent: budgets are proportional to entropy ** exponent (0 = uniform).
     min_fraction, max_fraction: per-layer clamps as fractions of the prompt length.
     group_reduce: how the query heads of one KV head combine ("mean", "max", "sum").
+    head_reduce: how the KV heads combine into the layer's one token score: "mean" (the
+        paper), or "max", AdaKV-style head-adaptive allocation within the shared token set
+        (`aggregate_heads`).
     reach: a token scores at least as high as the attended tokens up to `reach - 1` positions
         before it (1: off), so a fact's continuation is kept with the key a question matched.
         With 32-token chunks a fact often straddles two chunks; the key's chunk was kept and
@@ -48,12 +51,14 @@ class EntropyPolicy(ScorerPolicy):
     min_fraction: float = 0.0
     max_fraction: float = 1.0
     group_reduce: GroupReduce = "mean"
+    head_reduce: HeadReduce = "mean"
     reach: int = 32
     chunk_size: int = 32
 
     def score(self, layers: list[LayerObservation]) -> LayerScores:
         stats = attention_stats_batch(layers, self.observation_queries, entropy=True)
-        carried = carry_forward(stats.token_scores(self.group_reduce), self.reach)
+        tokens = stats.token_scores(self.group_reduce, self.head_reduce)
+        carried = carry_forward(tokens, self.reach)
         return LayerScores(chunk_scores(carried, self.chunk_size), stats)
 
     def allocate(self, scores: LayerScores, budget: Budget, n: int) -> list[int]:

@@ -30,6 +30,9 @@ from vllm_entropy_kv.policies.base import LayerObservation, LayerPlan
 from vllm_entropy_kv.policies.shards import HeadShard
 
 GroupReduce = Literal["mean", "max", "sum"]
+# How a layer's KV heads combine into its one token score: "mean" (the entropy paper) or
+# "max" (AdaKV-style head-adaptive allocation within one shared token set).
+HeadReduce = Literal["mean", "max"]
 
 # Scores materialised at once (layers x heads x query chunk x visible keys). On a GPU 4M
 # floats = 16 MB, large enough that a request's layers take a handful of batched steps; on a
@@ -126,9 +129,11 @@ class AttentionStats:
         scores = self.kv_head_scores(group_reduce)
         return scores if self.shard is None else scores[..., self.shard.kv_heads, :]
 
-    def token_scores(self, group_reduce: GroupReduce = "mean") -> torch.Tensor:
+    def token_scores(
+        self, group_reduce: GroupReduce = "mean", head_reduce: HeadReduce = "mean"
+    ) -> torch.Tensor:
         """[L, n]: one score per key for each layer (GQA groups, then KV heads)."""
-        return aggregate_heads(self.head_scores, self.num_kv_heads, group_reduce)
+        return aggregate_heads(self.head_scores, self.num_kv_heads, group_reduce, head_reduce)
 
     def layer(self, index: int) -> AttentionStats:
         """One layer's statistics, without the leading dimension."""
@@ -157,11 +162,26 @@ def reduce_groups(
 
 
 def aggregate_heads(
-    head_scores: torch.Tensor, num_kv_heads: int, group_reduce: GroupReduce = "mean"
+    head_scores: torch.Tensor,
+    num_kv_heads: int,
+    group_reduce: GroupReduce = "mean",
+    head_reduce: HeadReduce = "mean",
 ) -> torch.Tensor:
-    """[..., Hq, n] per-head scores -> [..., n] layer scores: reduce each GQA group, then
-    average the KV heads, so the layer keeps one token set for all its heads (entropy paper)."""
-    return reduce_groups(head_scores, num_kv_heads, group_reduce).mean(-2)
+    """[..., Hq, n] per-head scores -> [..., n] layer scores: reduce each GQA group, then the
+    KV heads, so the layer keeps one token set for all its heads.
+
+    head_reduce "mean" averages the KV heads (entropy paper). "max" is AdaKV's head-adaptive
+    allocation (Feng et al. 2024) under one shared token set: AdaKV keeps the top entries of
+    all heads' scores taken together, so a head with concentrated attention spends little
+    budget and a diffuse one more; walking those entries in descending order until B distinct
+    tokens are covered keeps exactly the B tokens with the highest score in any head. Each
+    head's scores sum to the number of observed queries, so heads compare as they are."""
+    grouped = reduce_groups(head_scores, num_kv_heads, group_reduce)
+    if head_reduce == "mean":
+        return grouped.mean(-2)
+    if head_reduce == "max":
+        return grouped.amax(-2)
+    raise ValueError(f"head_reduce must be 'mean' or 'max', got {head_reduce!r}")
 
 
 def _causal_logits(
@@ -457,6 +477,7 @@ __all__ = [
     "CPU_CHUNK_ELEMENTS",
     "DEFAULT_CHUNK_ELEMENTS",
     "GroupReduce",
+    "HeadReduce",
     "aggregate_heads",
     "attention_output",
     "attention_probs",

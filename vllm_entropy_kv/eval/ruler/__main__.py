@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=100, help="samples per task and length")
     p.add_argument("--first", type=int, default=0, help="index of the first sample")
     p.add_argument("--arms", type=_list(str), default=list(DEFAULT_ARMS),
-                   help="registered policies and ablations (default: all of DEFAULT_ARMS)")
+                   help="registered policies, ablations, or policy:field=value variants for "
+                   "tuning, e.g. entropy:exponent=0.5 (default: all of DEFAULT_ARMS)")
     p.add_argument("--ratios", type=_list(float), default=[0.1, 0.25, 0.5],
                    help="kept ratios (default 0.1,0.25,0.5)")
     p.add_argument("--seed", type=int, default=0)

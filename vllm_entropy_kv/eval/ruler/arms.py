@@ -7,7 +7,7 @@ tokens are dropped (to tell what SRC's summaries add to its kept tokens).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from vllm_entropy_kv.policies import KVPolicy, LayerPlan, available_policies, get_policy
@@ -67,10 +67,30 @@ DEFAULT_ARMS = (
 
 
 def arm(name: str) -> Arm:
-    """A registered policy with its defaults, or one of the ABLATIONS."""
+    """A registered policy with its defaults, one of the ABLATIONS, or a policy with some
+    parameters set, written `policy:field=value:field=value` (e.g. `entropy:exponent=0.5`),
+    for tuning runs."""
     if name in ABLATIONS:
         return ABLATIONS[name]
-    if name in available_policies():
-        return Arm(name, name)
+    policy, *settings = name.split(":")
+    if policy in available_policies():
+        defaults = {f.name: f.default for f in fields(type(get_policy(policy)))
+                    if f.init and f.default is not MISSING}
+        params = tuple(sorted(_setting(policy, s, defaults) for s in settings))
+        return Arm(name, policy, params)
     valid = ", ".join([*available_policies(), *ABLATIONS])
-    raise ValueError(f"unknown arm {name!r}; valid: {valid}")
+    raise ValueError(f"unknown arm {name!r}; valid: {valid}, or policy:field=value")
+
+
+def _setting(policy: str, text: str, defaults: dict[str, Any]) -> tuple[str, Any]:
+    """`field=value` of `policy`, the value parsed as the type of the field's default."""
+    key, sep, value = text.partition("=")
+    if not sep or key not in defaults:
+        raise ValueError(f"{text!r} is not field=value of {policy}; fields: "
+                         f"{', '.join(sorted(defaults))}")
+    default = defaults[key]
+    if value.lower() == "none":
+        return key, None
+    if isinstance(default, bool):
+        return key, value.lower() in ("1", "true", "yes")
+    return key, type(default)(value) if default is not None else value

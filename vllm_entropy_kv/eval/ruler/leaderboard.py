@@ -99,13 +99,15 @@ def leaderboard_table(scores: Scores) -> str:
 
 
 def comparisons(scores: Scores) -> list[str]:
-    """Paired differences entropy - baseline per ratio, in points with 95% intervals."""
+    """Paired differences entropy - baseline per ratio, in points with 95% intervals; tuning
+    variants of entropy (`entropy:field=value`) are compared with it too."""
     out = []
+    variants = tuple(a for a in scores.arms if a.startswith(FOCUS + ":"))
     for ratio in scores.ratios:
         focus = (FOCUS, ratio)
         if focus not in scores.by_cell:
             continue
-        for base in BASELINES:
+        for base in BASELINES + variants:
             other = (base, ratio)
             if other not in scores.by_cell:
                 continue
