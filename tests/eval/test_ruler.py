@@ -49,3 +49,11 @@ def test_smoke_leaderboard(tmp_path: Path) -> None:
                   "--arms", "none,entropy", "--ratios", "0.25", "--out", str(tmp_path),
                   "--resume"])
     assert len(again) == len(rows)
+    # Another section (a tuning split, say) has its own rows, table and plot on the same page.
+    (tmp_path / "img" / "ruler-tuning.json").write_text(
+        (tmp_path / "img" / "ruler.json").read_text())
+    main(["--replot", "--section", "ruler-tuning", "--out", str(tmp_path)])
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert text.count("<!-- ruler:begin -->") == 1 and "<!-- ruler-tuning:begin -->" in text
+    assert "## RULER-style suite: ruler-tuning" in text
+    assert (tmp_path / "img" / "ruler-tuning_vs_ratio.png").stat().st_size > 1000

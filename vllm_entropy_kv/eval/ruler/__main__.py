@@ -1,8 +1,8 @@
 """`python -m vllm_entropy_kv.eval.ruler`: the RULER-style suite offline, every arm on one
 prefill per sample; writes the leaderboard into <out>/RESULTS.md and a plot into <out>/img/.
 
-Rows go to <out>/img/ruler.json after every sample; `--resume` skips the samples already
-there, so a long grid can be stopped and continued.
+Rows go to <out>/img/ruler.json (`--section` names another) after every sample; `--resume`
+skips the samples already there, so a long grid can be stopped and continued.
 """
 
 from __future__ import annotations
@@ -46,20 +46,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", type=Path, default=Path("docs"),
                    help="RESULTS.md and img/ go here (default docs)")
+    p.add_argument("--section", default="ruler",
+                   help="names the section of <out>/RESULTS.md, the rows "
+                   "<out>/img/<section>.json and the plot (default ruler; e.g. ruler-tuning "
+                   "for a tuning split)")
     p.add_argument("--resume", action="store_true",
-                   help="keep the rows in <out>/img/ruler.json and run only what is missing "
+                   help="keep the rows in <out>/img/<section>.json and run only what is missing "
                    "(samples, or arms and ratios of a sample)")
     p.add_argument("--replot", action="store_true",
-                   help="rebuild the table and plot from <out>/img/ruler.json, run nothing")
+                   help="rebuild the table and plot from <out>/img/<section>.json, run nothing")
     p.add_argument("--note", action="append", default=[],
-                   help="with --replot: add an observation about the runs to ruler.json; "
+                   help="with --replot: add an observation about the runs to the rows' file; "
                    "notes are listed under the table")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
-    json_path = args.out / "img" / "ruler.json"
+    json_path = args.out / "img" / f"{args.section}.json"
     if args.replot:
         from vllm_entropy_kv.eval.ruler.leaderboard import write_leaderboard
 
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         if args.note:
             meta["notes"] = [*meta.get("notes", []), *args.note]
             save_rows(json_path, rows, meta)
-        write_leaderboard(args.out, rows, meta)
+        write_leaderboard(args.out, rows, meta, args.section)
         return rows
 
     import torch
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     save_rows(json_path, rows, meta)
     from vllm_entropy_kv.eval.ruler.leaderboard import write_leaderboard
 
-    write_leaderboard(args.out, rows, meta)
+    write_leaderboard(args.out, rows, meta, args.section)
     print(f"[eval] ruler done in {run['wall time']}: {args.out / 'RESULTS.md'}", file=sys.stderr)
     return rows
 

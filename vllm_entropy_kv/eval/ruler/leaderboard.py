@@ -16,7 +16,6 @@ from vllm_entropy_kv.eval.ruler.stats import Estimate, average, estimate
 from vllm_entropy_kv.eval.ruler.tasks import TASKS
 
 SECTION = "ruler"
-PLOT = "ruler_vs_ratio.png"
 # Cells with fewer samples than the issue asks for are marked, not hidden.
 MIN_SAMPLES = 100
 FOCUS = "entropy"
@@ -168,8 +167,14 @@ def plot(scores: Scores, path: Path) -> None:
     plt.close(fig)
 
 
-def section(scores: Scores, meta: dict[str, Any]) -> str:
-    out = ["## RULER-style suite (`python -m vllm_entropy_kv.eval.ruler`)", ""]
+def plot_name(name: str) -> str:
+    """The plot of section `name`, in img/."""
+    return f"{name}_vs_ratio.png"
+
+
+def section(scores: Scores, meta: dict[str, Any], name: str = SECTION) -> str:
+    title = "RULER-style suite" if name == SECTION else f"RULER-style suite: {name}"
+    out = [f"## {title} (`python -m vllm_entropy_kv.eval.ruler`)", ""]
     for run in meta.get("runs", []):
         out.append("- " + "; ".join(f"**{k}**: {v}" for k, v in run.items()))
     out += [
@@ -193,18 +198,20 @@ def section(scores: Scores, meta: dict[str, Any]) -> str:
     out += goals(scores)
     if meta.get("notes"):
         out += ["", "Notes:", ""] + [f"- {note}" for note in meta["notes"]]
-    out += ["", f"![ruler_vs_ratio](img/{PLOT})"]
+    out += ["", f"![{name} against kept ratio](img/{plot_name(name)})"]
     return "\n".join(out)
 
 
-def write_leaderboard(out: Path, rows: Sequence[Row], meta: dict[str, Any]) -> str:
-    """The `ruler` section of <out>/RESULTS.md and <out>/img/ruler_vs_ratio.png; returns the
-    section's text."""
+def write_leaderboard(
+    out: Path, rows: Sequence[Row], meta: dict[str, Any], name: str = SECTION
+) -> str:
+    """Section `name` of <out>/RESULTS.md and its plot in <out>/img/; returns the section's
+    text."""
     scores = Scores(rows)
-    text = section(scores, meta)
-    plot(scores, out / "img" / PLOT)
+    text = section(scores, meta, name)
+    plot(scores, out / "img" / plot_name(name))
     page = out / "RESULTS.md"
     if not page.exists():
         page.write_text("# Offline evaluation results\n")
-    write_section(out / "RESULTS.md", SECTION, text)
+    write_section(page, name, text)
     return text
