@@ -45,8 +45,11 @@ def cold_salt() -> str:
 
 def plan_of(url: str, prompt: str) -> tuple[int, dict]:
     """Send `prompt` (4 tokens decoded) and return its token count and the server's plan of
-    it: `GET /v1/kv-policy`'s latest compressed request (prompt, budgets, plan digest)."""
-    reply = complete(url, prompt, max_tokens=4, ignore_eos=True)
+    it: `GET /v1/kv-policy`'s latest compressed request (prompt, budgets, plan digest).
+    The request asks for entropy budgets (exponent 1; the server's default is uniform), so
+    that its plan depends on every layer's entropy and the comparisons of plans cover them."""
+    reply = complete(url, prompt, max_tokens=4, ignore_eos=True,
+                     vllm_xargs={"kv_exponent": 1.0})
     plan = requests.get(f"{url}/v1/kv-policy", timeout=30).json()["last_request"]
     return reply["usage"]["prompt_tokens"], plan
 

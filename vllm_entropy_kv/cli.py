@@ -36,7 +36,8 @@ FLAG_HELP: dict[str, str] = {
     "positions before it, so a fact's continuation stays with the key a question matched "
     "(1: off).",
     "chunk_size": "Tokens are kept or dropped in chunks of this many positions (1: per token).",
-    "exponent": "Layer budgets are proportional to layer entropy ** exponent (0: uniform).",
+    "exponent": "Layer budgets are proportional to layer entropy ** exponent (0, the "
+    "default: uniform; 1: the entropy paper's).",
     "summary_fraction": "Share of each layer's budget spent on summary tokens, in [0, 1] "
     "(0: pure eviction).",
 }
