@@ -86,3 +86,5 @@ def test_arm_variants_set_policy_fields() -> None:
         arm("entropy:window=8")
     with pytest.raises(ValueError, match="policy:field=value"):
         arm("entropy-fast")
+    with pytest.raises(ValueError, match="reach='1.5' is not of type int"):
+        arm("entropy:reach=1.5")

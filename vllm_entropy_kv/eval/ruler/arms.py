@@ -93,4 +93,10 @@ def _setting(policy: str, text: str, defaults: dict[str, Any]) -> tuple[str, Any
         return key, None
     if isinstance(default, bool):
         return key, value.lower() in ("1", "true", "yes")
-    return key, type(default)(value) if default is not None else value
+    if default is None:
+        return key, value
+    try:
+        return key, type(default)(value)
+    except ValueError:
+        raise ValueError(f"{policy}: {key}={value!r} is not of type {type(default).__name__} "
+                         f"(default {default!r})") from None
