@@ -175,3 +175,13 @@ def test_stock_server_log_must_show_vllms_scheduling_defaults() -> None:
     assert len(scheduling_problems(changed, stock=True)) == 1
     off = "non-default args: {'async_scheduling': False}\nenable_chunked_prefill=False"
     assert len(scheduling_problems(off, stock=False)) == 2
+
+
+def test_header_names_the_dtype_of_a_server_given_by_url() -> None:
+    from vllm_entropy_kv.bench.__main__ import parse_args, report_header
+
+    args = parse_args(["--url", "http://127.0.0.1:1", "--url-dtype", "float32"])
+    assert "(float32, vLLM 0.32.0 CPU" in report_header(args, "cmd", "now")
+    with pytest.raises(SystemExit):
+        parse_args(["--url-dtype", "float32"])  # no --url: nothing to describe
+    assert parse_args([]).perplexity_concurrency == 8

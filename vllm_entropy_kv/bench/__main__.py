@@ -25,6 +25,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vllm_entropy_kv.bench import report, vllm_client
@@ -69,6 +70,8 @@ class Progress:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="a running server with a KV policy (skips start-up)")
+    parser.add_argument("--url-dtype", help="the dtype of the --url server, for the report's "
+                        "header (default: the launcher's default on this CPU)")
     parser.add_argument("--capacity-url", help="a running small-memory server for capacity")
     parser.add_argument("--policies", default=",".join(COMPRESSING))
     parser.add_argument("--budgets", default="0.1,0.25,0.5")
@@ -90,6 +93,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="tokens after the context that are scored")
     parser.add_argument("--perplexity-windows", default="3,2",
                         help="text windows: Shakespeare plays, Britannica")
+    parser.add_argument("--perplexity-concurrency", type=int, default=8,
+                        help="perplexity requests in flight at once")
     parser.add_argument("--stages", default=",".join(STAGES),
                         help=f"comma-separated, of {', '.join(ALL_STAGES)} (default: "
                         f"{', '.join(STAGES)})")
@@ -108,6 +113,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.perplexity_windows = "1,1"
         args.vllm_bench_input_len, args.vllm_bench_prompts = 1000, 8
         args.vllm_bench_pressure_prompts = args.vllm_bench_pressure_concurrency = 16
+    if args.url_dtype and not args.url:
+        parser.error("--url-dtype names the dtype of a server given by --url")
     args.policies = [p for p in args.policies.split(",") if p]
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.capacity_budgets = ([float(b) for b in args.capacity_budgets.split(",")]
@@ -202,11 +209,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress.step(f"needle {cell.label}")
 
     def perplexity_stage(url: str) -> None:
-        for cell in cells + unbiased:
-            scores = [continuation_nll(url, document, cell) for document in documents]
-            results.perplexity[cell.label] = Scored(sum(s.nll for s in scores),
-                                                    sum(s.tokens for s in scores))
-            progress.step(f"perplexity {cell.label}")
+        # Every cell's documents in flight together (per-request policies share the batch):
+        # a 1,024-token forced continuation is 1,024 decode steps.
+        with ThreadPoolExecutor(max_workers=args.perplexity_concurrency) as pool:
+            for cell in cells + unbiased:
+                scores = list(pool.map(lambda d, c=cell: continuation_nll(url, d, c), documents))
+                results.perplexity[cell.label] = Scored(sum(s.nll for s in scores),
+                                                        sum(s.tokens for s in scores))
+                progress.step(f"perplexity {cell.label}")
 
     def capacity_stage(url: str) -> None:
         prompts = [prompt_of_tokens(args.capacity_length, 1231 * i)
@@ -327,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def report_header(args: argparse.Namespace, command: str, started: str) -> str:
     return (
         f"`{command}`, started {started}; "
-        f"{report.machine_description(default_dtype(), COMPRESSION_BLOCK_SIZE)}. Every cell "
+        f"{report.machine_description(args.url_dtype or default_dtype(), COMPRESSION_BLOCK_SIZE)}"
+        ". Every cell "
         "ran on the same server through per-request settings (`vllm_xargs`), one after the "
         f"other; ratios are to `none` on that server. Main server KV cache {args.kv_cache_gib} GiB"
         + (f", capacity server a pool of {args.capacity_kv_tokens} tokens."
@@ -395,8 +406,9 @@ def render_perplexity(args, results, cells, documents, header: str) -> str:
         f"each request's prompt is {args.perplexity_context} tokens of a window, compressed "
         f"at the end of its prefill; the {args.perplexity_continuation} tokens after them are "
         "decoded by teacher forcing (`vllm_xargs.forced_token_ids`) and scored with the "
-        "model's logprobs, all but the first (predicted before compression). Perplexity is "
-        "token-weighted over the windows.",
+        "model's logprobs, all but the first (predicted before compression), "
+        f"{args.perplexity_concurrency} requests in flight. Perplexity is token-weighted over "
+        "the windows.",
         "",
         report.perplexity_table(results, cells),
     ])
