@@ -147,18 +147,24 @@ class AttentionStats:
         )
 
 
+_REDUCTIONS = {"mean": torch.Tensor.mean, "max": torch.Tensor.amax, "sum": torch.Tensor.sum}
+
+
+def _reduce_heads(scores: torch.Tensor, how: str, allowed: tuple[str, ...], name: str
+                  ) -> torch.Tensor:
+    """`scores` reduced over dim -2 by `how`, one of `allowed` (else an error naming `name`)."""
+    if how not in allowed:
+        valid = " or ".join(", ".join(repr(a) for a in allowed).rsplit(", ", 1))
+        raise ValueError(f"{name} must be {valid}, got {how!r}")
+    return _REDUCTIONS[how](scores, -2)
+
+
 def reduce_groups(
     head_scores: torch.Tensor, num_kv_heads: int, group_reduce: GroupReduce = "mean"
 ) -> torch.Tensor:
     """[..., Hq, n] -> [..., Hkv, n], reducing the query heads that share a KV head."""
     grouped = head_scores.unflatten(-2, (num_kv_heads, -1))
-    if group_reduce == "mean":
-        return grouped.mean(-2)
-    if group_reduce == "max":
-        return grouped.amax(-2)
-    if group_reduce == "sum":
-        return grouped.sum(-2)
-    raise ValueError(f"group_reduce must be 'mean', 'max' or 'sum', got {group_reduce!r}")
+    return _reduce_heads(grouped, group_reduce, ("mean", "max", "sum"), "group_reduce")
 
 
 def aggregate_heads(
@@ -177,11 +183,7 @@ def aggregate_heads(
     tokens are covered keeps exactly the B tokens with the highest score in any head. Each
     head's scores sum to the number of observed queries, so heads compare as they are."""
     grouped = reduce_groups(head_scores, num_kv_heads, group_reduce)
-    if head_reduce == "mean":
-        return grouped.mean(-2)
-    if head_reduce == "max":
-        return grouped.amax(-2)
-    raise ValueError(f"head_reduce must be 'mean' or 'max', got {head_reduce!r}")
+    return _reduce_heads(grouped, head_reduce, ("mean", "max"), "head_reduce")
 
 
 def _causal_logits(
