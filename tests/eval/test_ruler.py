@@ -57,3 +57,22 @@ def test_smoke_leaderboard(tmp_path: Path) -> None:
     assert text.count("<!-- ruler:begin -->") == 1 and "<!-- ruler-tuning:begin -->" in text
     assert "## RULER-style suite: ruler-tuning" in text
     assert (tmp_path / "img" / "ruler-tuning_vs_ratio.png").stat().st_size > 1000
+
+
+def test_focus_arm_is_compared_with_entropy_and_its_variants() -> None:
+    """A tuning round around another arm (the served default, say) pairs it with entropy and
+    entropy's variants, by name."""
+    from vllm_entropy_kv.eval.ruler.leaderboard import Scores, comparisons
+
+    def rows(arm: str, scores: list[float]) -> list[dict]:
+        return [{"arm": arm, "ratio": 0.25, "task": "niah_single", "length": 2048, "index": i,
+                 "score": s, "kept": 0.25} for i, s in enumerate(scores)]
+
+    scores = Scores(rows("entropy-uniform", [1.0] * 8) + rows("entropy", [0.0] * 8)
+                    + rows("entropy:exponent=0:chunk_size=16", [1.0] * 8))
+    lines = comparisons(scores, "entropy-uniform")
+    assert len(lines) == 2
+    assert lines[0].startswith("- ratio 0.25: entropy-uniform - entropy = +100.0 points")
+    assert lines[0].endswith("entropy-uniform ahead")
+    assert "entropy-uniform - entropy:exponent=0:chunk_size=16 = +0.0" in lines[1]
+    assert comparisons(scores)[0].startswith("- ratio 0.25: entropy - entropy-uniform = -100.0")

@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arms", type=_list(str), default=list(DEFAULT_ARMS),
                    help="registered policies, ablations, or policy:field=value variants for "
                    "tuning, e.g. entropy:exponent=0.5 (default: all of DEFAULT_ARMS)")
+    p.add_argument("--focus", default=None,
+                   help="the arm the others are compared with, pair by pair (default entropy; "
+                   "kept in the section's rows file, so --replot and --resume keep it)")
     p.add_argument("--ratios", type=_list(float), default=[0.1, 0.25, 0.5],
                    help="kept ratios (default 0.1,0.25,0.5)")
     p.add_argument("--seed", type=int, default=0)
@@ -68,8 +71,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         from vllm_entropy_kv.eval.ruler.leaderboard import write_leaderboard
 
         rows, meta = load_rows(json_path)
+        if args.focus:
+            meta["focus"] = args.focus
         if args.note:
             meta["notes"] = [*meta.get("notes", []), *args.note]
+        if args.focus or args.note:
             save_rows(json_path, rows, meta)
         write_leaderboard(args.out, rows, meta, args.section)
         return rows
@@ -100,6 +106,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "samples": f"{args.samples} per task and length from index {args.first}",
     }
     meta.setdefault("runs", []).append(run)
+    if args.focus:
+        meta["focus"] = args.focus
     done = {(r["task"], r["length"], r["index"], r["arm"], r["ratio"]) for r in rows}
 
     def checkpoint(new: list[Row]) -> None:

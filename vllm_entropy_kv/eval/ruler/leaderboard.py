@@ -1,6 +1,7 @@
 """The leaderboard: per (arm, ratio) the mean score of every (task, length) cell and their
-average with 95% intervals, paired comparisons of entropy against the baselines, and the plot
-of average score against kept ratio. Written into the `ruler` section of RESULTS.md."""
+average with 95% intervals, paired comparisons of one arm (the focus, `entropy` unless a run
+names another) against the baselines, and the plot of average score against kept ratio.
+Written into the `ruler` section of RESULTS.md."""
 
 from __future__ import annotations
 
@@ -97,23 +98,24 @@ def leaderboard_table(scores: Scores) -> str:
     return table(header, lines)
 
 
-def comparisons(scores: Scores) -> list[str]:
-    """Paired differences entropy - baseline per ratio, in points with 95% intervals; tuning
-    variants of entropy (`entropy:field=value`) are compared with it too."""
+def comparisons(scores: Scores, focus: str = FOCUS) -> list[str]:
+    """Paired differences focus - baseline per ratio, in points with 95% intervals; `entropy`
+    and its tuning variants (`entropy:field=value`) are compared with the focus too."""
     out = []
-    variants = tuple(a for a in scores.arms if a.startswith(FOCUS + ":"))
+    variants = tuple(a for a in scores.arms if a == FOCUS or a.startswith(FOCUS + ":"))
+    others = [a for a in dict.fromkeys(BASELINES + variants) if a != focus]
     for ratio in scores.ratios:
-        focus = (FOCUS, ratio)
-        if focus not in scores.by_cell:
+        mine = (focus, ratio)
+        if mine not in scores.by_cell:
             continue
-        for base in BASELINES + variants:
+        for base in others:
             other = (base, ratio)
             if other not in scores.by_cell:
                 continue
-            d = scores.paired(focus, other)
-            verdict = ("entropy ahead" if d.low > 0 else "entropy behind" if d.high < 0
+            d = scores.paired(mine, other)
+            verdict = (f"{focus} ahead" if d.low > 0 else f"{focus} behind" if d.high < 0
                        else "no difference resolved")
-            out.append(f"- ratio {ratio:g}: {FOCUS} - {base} = {100 * d.mean:+.1f} points "
+            out.append(f"- ratio {ratio:g}: {focus} - {base} = {100 * d.mean:+.1f} points "
                        f"[{100 * d.low:+.1f}, {100 * d.high:+.1f}] over {d.samples} paired "
                        f"samples: {verdict}")
     return out
@@ -189,9 +191,10 @@ def section(scores: Scores, meta: dict[str, Any], name: str = SECTION) -> str:
         "",
     ]
     judged = ", ".join(f"{t} {n / 1024:g}k" for t, n in scores.well_sampled())
-    paired = comparisons(scores)
+    focus = meta.get("focus", FOCUS)
+    paired = comparisons(scores, focus)
     if paired:
-        out += [f"Paired differences (same prompts) of entropy against the other arms, and the "
+        out += [f"Paired differences (same prompts) of {focus} against the other arms, and the "
                 f"goal, judged on the columns where every cell has {MIN_SAMPLES} samples or "
                 f"more ({judged}; all columns if none has):", ""]
         out += paired + [""]
