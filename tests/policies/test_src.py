@@ -70,6 +70,37 @@ def test_synthetic_tokens_exact_for_a_bin_of_rank_distinct_keys() -> None:
         torch.testing.assert_close(synth.logsumexp(-1), scores.logsumexp(-1), atol=1e-4, rtol=1e-4)
 
 
+def test_no_mask_equals_a_mask_that_shows_every_token() -> None:
+    """The policy skips the causal mask when its recent tokens cover the window (every window
+    query sees the whole bin); that is bit for bit the masked computation."""
+    d = 16
+    kb, vb = torch.randn(2, 60, d, generator=GEN), torch.randn(2, 60, d, generator=GEN)
+    queries = torch.randn(4, 8, d, generator=GEN)
+    masked = summarize_bin(queries, kb, vb, d**-0.5, 4,
+                           visible=torch.ones(8, 60, dtype=torch.bool))
+    for want, got in zip(masked, summarize_bin(queries, kb, vb, d**-0.5, 4)):
+        assert torch.equal(want, got)
+
+
+def test_plans_summarised_a_few_layers_at_a_time_equal_all_at_once(make_layers,
+                                                                    monkeypatch) -> None:
+    """On a CPU the bins are summarised two layers per step, on a GPU all together: same
+    plans, with the causal mask (recent tokens shorter than the window) and without."""
+    from vllm_entropy_kv.policies import src
+
+    layers = make_layers(num_layers=5, n=300)
+    for recent in (16, 32):
+        budget = Budget(keep=0.25, sink_tokens=4, recent_tokens=recent, block_size=16)
+        per_step = get_policy("src").plan(layers, budget)
+        with monkeypatch.context() as m:
+            m.setattr(src, "stacks_layers", lambda device: True)
+            together = get_policy("src").plan(layers, budget)
+        for a, b in zip(per_step, together):
+            assert torch.equal(a.keep, b.keep) and torch.equal(a.summary_counts, b.summary_counts)
+            assert torch.equal(a.summary_keys, b.summary_keys)
+            assert torch.equal(a.summary_values, b.summary_values)
+
+
 def test_value_fit_beats_plain_merge_on_reference_queries() -> None:
     d = 16
     kb, vb = torch.randn(2, 200, d, generator=GEN), torch.randn(2, 200, d, generator=GEN)
