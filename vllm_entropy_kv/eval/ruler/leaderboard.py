@@ -132,9 +132,9 @@ def goals(scores: Scores) -> list[str]:
     best, name = max(candidates, key=lambda c: c[0].mean)
     share = best.mean / full.mean if full.mean else 0.0
     met = "met" if share >= GOAL_FRACTION else f"NOT met (short by {GOAL_FRACTION - share:.2f})"
-    return [f"- Best at {GOAL_RATIO:g} kept on this section's samples (the goal is judged on "
-            f"the test split, not a tuning split): {name}, {100 * best.mean:.1f} vs full "
-            f"{100 * full.mean:.1f} = {share:.2f}x of full; goal >= {GOAL_FRACTION:.2f}x: {met}."]
+    return [f"- Best at {GOAL_RATIO:g} kept on these samples: {name}, {100 * best.mean:.1f} "
+            f"vs full {100 * full.mean:.1f} = {share:.2f}x of full; goal >= "
+            f"{GOAL_FRACTION:.2f}x: {met}."]
 
 
 def plot(scores: Scores, path: Path) -> None:
