@@ -76,3 +76,22 @@ def test_focus_arm_is_compared_with_entropy_and_its_variants() -> None:
     assert lines[0].endswith("entropy-uniform ahead")
     assert "entropy-uniform - entropy:exponent=0:chunk_size=16 = +0.0" in lines[1]
     assert comparisons(scores)[0].startswith("- ratio 0.25: entropy - entropy-uniform = -100.0")
+
+
+def test_an_arm_run_on_fewer_tasks_is_compared_on_those_tasks_only() -> None:
+    """An arm run on one of two tasks: its `vs full` uses the full cache on that task, and
+    the goal line picks only among arms that ran every task."""
+    from vllm_entropy_kv.eval.ruler.leaderboard import Scores, goals, leaderboard_table
+
+    def rows(arm: str, ratio: float, task: str, scores: list[float]) -> list[dict]:
+        return [{"arm": arm, "ratio": ratio, "task": task, "length": 2048, "index": i,
+                 "score": s, "kept": ratio} for i, s in enumerate(scores)]
+
+    scores = Scores(rows("none", 1.0, "niah_single", [1.0] * 4)
+                    + rows("none", 1.0, "niah_multikey", [0.0, 0.0, 0.0, 1.0])
+                    + rows("entropy", 0.25, "niah_single", [1.0] * 4)
+                    + rows("entropy", 0.25, "niah_multikey", [0.0] * 4)
+                    + rows("partial", 0.25, "niah_single", [1.0] * 4))
+    table = {line.split("|")[1].strip(): line for line in leaderboard_table(scores).splitlines()}
+    assert table["partial"].rstrip(" |").endswith("1.00x")
+    assert "partial" not in goals(scores)[0] and "entropy" in goals(scores)[0]

@@ -82,11 +82,14 @@ def leaderboard_table(scores: Scores) -> str:
     header = ["policy", "ratio", "held"]
     header += [f"{task} {length / 1024:g}k" for task, length in scores.columns]
     header += ["average [95% CI]", "vs full"]
-    full = scores.average((REFERENCE, 1.0)) if (REFERENCE, 1.0) in scores.by_cell else None
+    has_full = (REFERENCE, 1.0) in scores.by_cell
     lines = []
     for cell in scores.cells():
         avg = scores.average(cell)
         kept = scores.kept[cell]
+        # Against the full cache on the columns this row ran (an arm run on fewer tasks).
+        ran = [c for c in scores.columns if scores.column(cell, c)]
+        full = scores.average((REFERENCE, 1.0), ran) if has_full else None
         rel = f"{avg.mean / full.mean:.2f}x" if full and full.mean else "–"
         lines.append(
             [f"**{cell[0]}**" if cell[0] == REFERENCE else cell[0], f"{cell[1]:g}",
@@ -127,8 +130,12 @@ def goals(scores: Scores) -> list[str]:
         return []
     columns = scores.well_sampled()
     full = scores.average((REFERENCE, 1.0), columns)
+    # Only arms that ran every judged column: an average over fewer tasks is not comparable.
     candidates = [(scores.average((a, GOAL_RATIO), columns), a) for a in scores.arms
-                  if (a, GOAL_RATIO) in scores.by_cell and a != REFERENCE]
+                  if (a, GOAL_RATIO) in scores.by_cell and a != REFERENCE
+                  and all(scores.column((a, GOAL_RATIO), c) for c in columns)]
+    if not candidates:
+        return []
     best, name = max(candidates, key=lambda c: c[0].mean)
     share = best.mean / full.mean if full.mean else 0.0
     met = "met" if share >= GOAL_FRACTION else f"NOT met (short by {GOAL_FRACTION - share:.2f})"
