@@ -394,16 +394,12 @@ class SRCPolicy(ScorerPolicy):
         # On a CPU a few layers at a time, so that their bin attention stays in the core's
         # cache (Intel Xeon, 3k tokens, one thread: 2 layers per step 0.38 s, 30 0.45 s).
         sizes = [self._bin_size(n - k, r) for k, r in zip(kept, ranks)]
-        # Bins lie before the recent tokens, which a layer with summaries keeps; when those
-        # cover the window, every window query sees every bin token and needs no mask.
-        first = n + layers[0].query_offset - m
-        every_visible = n - budget.recent_tokens - 1 <= first
         for rank, size in sorted({(r, b) for r, b in zip(ranks, sizes) if r > 0}):
             chosen = [i for i in range(len(ks)) if (ranks[i], sizes[i]) == (rank, size)]
             step = len(chosen) if stacks_layers(masks.device) else CPU_SUMMARY_LAYERS
             for part in (chosen[a:a + step] for a in range(0, len(chosen), step)):
                 keys, values, counts = self._summarize(
-                    layers, scores, masks, part, rank, size, every_visible)
+                    layers, scores, masks, part, rank, size, budget.recent_tokens)
                 for j, i in enumerate(part):
                     plans[i].summary_keys, plans[i].summary_values = keys[j], values[j]
                     plans[i].summary_counts = counts[j]
@@ -421,10 +417,10 @@ class SRCPolicy(ScorerPolicy):
         chosen: list[int],
         rank: int,
         size: int,
-        every_visible: bool,
+        recent_tokens: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The chosen layers' recycle bins of `size` tokens, summarised (`summarize_bins`);
-        every_visible: every window query sees every bin token."""
+        recent_tokens: the budget's, which every layer with summaries keeps."""
         stats = scores.stats
         assert stats is not None and stats.token_entropy is not None
         n, device = masks.shape[1], masks.device
@@ -442,6 +438,9 @@ class SRCPolicy(ScorerPolicy):
         m = stats.num_queries
         first = n + layers[0].query_offset - m
         positions = torch.arange(first, first + m, device=device)
+        # Bins lie before the recent tokens; when those cover the window, every window query
+        # sees every bin token and needs no mask.
+        every_visible = n - recent_tokens - 1 <= first
         visible = None if every_visible else bin_ids.unsqueeze(1) <= positions.view(1, -1, 1)
         picked = [layers[i] for i in chosen]
         # Each layer's bin tokens, then stacked: stacking whole layers first would copy every

@@ -13,7 +13,7 @@ from typing import Any
 from vllm_entropy_kv.bench.sections import table, write_section
 from vllm_entropy_kv.eval.results import Row
 from vllm_entropy_kv.eval.ruler.arms import REFERENCE
-from vllm_entropy_kv.eval.ruler.stats import Estimate, average, estimate
+from vllm_entropy_kv.eval.ruler.stats import Estimate, average, estimate, mean_of_means
 from vllm_entropy_kv.eval.ruler.tasks import TASKS
 
 SECTION = "ruler"
@@ -61,6 +61,10 @@ class Scores:
     def average(self, cell: Row_, columns: Sequence[Column] | None = None) -> Estimate:
         return average([self.column(cell, c) for c in columns or self.columns])
 
+    def mean(self, cell: Row_, columns: Sequence[Column]) -> float:
+        """`average(cell, columns).mean` without its bootstrap interval."""
+        return mean_of_means([self.column(cell, c) for c in columns])
+
     def well_sampled(self) -> list[Column]:
         """The columns where every cell that ran them has MIN_SAMPLES samples (all columns if
         none has): the ones comparisons and goals are judged on."""
@@ -89,8 +93,8 @@ def leaderboard_table(scores: Scores) -> str:
         kept = scores.kept[cell]
         # Against the full cache on the columns this row ran (an arm run on fewer tasks).
         ran = [c for c in scores.columns if scores.column(cell, c)]
-        full = scores.average((REFERENCE, 1.0), ran) if has_full else None
-        rel = f"{avg.mean / full.mean:.2f}x" if full and full.mean else "–"
+        full = scores.mean((REFERENCE, 1.0), ran) if has_full else 0.0
+        rel = f"{avg.mean / full:.2f}x" if full else "–"
         lines.append(
             [f"**{cell[0]}**" if cell[0] == REFERENCE else cell[0], f"{cell[1]:g}",
              f"{sum(kept) / len(kept):.3f}"]

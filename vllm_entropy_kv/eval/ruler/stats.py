@@ -52,6 +52,12 @@ def estimate(scores: Sequence[float], seed: int = 0) -> Estimate:
     return Estimate(mean, *_percentiles(means), n)
 
 
+def mean_of_means(groups: Sequence[Sequence[float]]) -> float:
+    """The mean over the non-empty groups of each group's mean (0 if none has a score)."""
+    parts = [g for g in groups if g]
+    return sum(sum(g) / len(g) for g in parts) / len(parts) if parts else 0.0
+
+
 def average(groups: Sequence[Sequence[float]], seed: int = 0) -> Estimate:
     """The mean over groups (tasks) of each group's mean score, with a stratified bootstrap
     interval (each group resampled on its own); one group: its own `estimate`."""
@@ -60,10 +66,6 @@ def average(groups: Sequence[Sequence[float]], seed: int = 0) -> Estimate:
         return Estimate(0.0, 0.0, 1.0, 0)
     if len(groups) == 1:
         return estimate(groups[0], seed)
-
-    def mean_of_means(parts: Sequence[Sequence[float]]) -> float:
-        return sum(sum(g) / len(g) for g in parts) / len(parts)
-
     rng = random.Random(seed)
     means = [
         mean_of_means([rng.choices(g, k=len(g)) for g in groups])
