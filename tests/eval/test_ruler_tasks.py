@@ -88,3 +88,32 @@ def test_arm_variants_set_policy_fields() -> None:
         arm("entropy-fast")
     with pytest.raises(ValueError, match="reach='1.5' is not of type int"):
         arm("entropy:reach=1.5")
+
+
+@requires_texts
+def test_hits_by_place_follow_the_order_of_the_asked_keys() -> None:
+    """Multiquery answers that name only the last asked keys' values show up as hits at
+    those places; tasks without an asked order get no table."""
+    from vllm_entropy_kv.eval.ruler.by_reference import by_place_tables, hits_by_place
+    from vllm_entropy_kv.eval.ruler.tasks import make_sample
+
+    def row(task: str, index: int, arm: str, answer: str) -> dict:
+        return {"task": task, "length": 1500, "index": index, "seed": 0, "arm": arm,
+                "ratio": 1.0 if arm == "none" else 0.25, "answer": answer}
+
+    refs = [make_sample("niah_multiquery", 1500, i, 0, words).references for i in range(2)]
+    assert all(len(r) == 4 for r in refs)
+    rows = [row("niah_multiquery", i, "none", " ".join(refs[i]).upper()) for i in range(2)]
+    rows += [row("niah_multiquery", i, "entropy", f"{refs[i][2]}, {refs[i][3]}") for i in range(2)]
+    rows += [row("niah_single", 0, "none", "")]
+    hits = hits_by_place(rows, words)
+    assert list(hits) == [("niah_multiquery", 1500)]
+    cells = hits[("niah_multiquery", 1500)]
+    assert cells[("none", 1.0)] == [[True] * 4] * 2
+    assert cells[("entropy", 0.25)] == [[False, False, True, True]] * 2
+    lines = by_place_tables(rows, words)
+    assert lines[0].startswith("niah_multiquery 1.46484k, values found by the place")
+    table = [line for line in "\n".join(lines).splitlines() if line.startswith("|")]
+    assert table[0] == "| policy | ratio | samples | key 1 | key 2 | key 3 | key 4 |"
+    assert table[2:] == ["| none | 1 | 2 | 100% | 100% | 100% | 100% |",
+                         "| entropy | 0.25 | 2 | 0% | 0% | 100% | 100% |"]

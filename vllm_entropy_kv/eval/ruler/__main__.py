@@ -18,6 +18,8 @@ from typing import Any
 
 from vllm_entropy_kv.eval.results import Row, load_rows, save_rows
 from vllm_entropy_kv.eval.ruler.arms import DEFAULT_ARMS, arm
+from vllm_entropy_kv.eval.ruler.by_reference import ORDERED_TASKS
+from vllm_entropy_kv.eval.ruler.sample import CountTokens
 from vllm_entropy_kv.eval.ruler.tasks import TASKS
 
 
@@ -30,7 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m vllm_entropy_kv.eval.ruler", description=__doc__.splitlines()[0]
     )
     p.add_argument("--model", type=Path, default=None,
-                   help="a Hugging Face model directory (default: the embedded model)")
+                   help="a Hugging Face model directory (default: the embedded model); with "
+                   "--replot, its tokenizer regenerates the samples for the hits by place")
     p.add_argument("--tasks", type=_list(str), default=list(TASKS),
                    help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--lengths", type=_list(int), default=[2048, 4096],
@@ -77,14 +80,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
             meta["notes"] = [*meta.get("notes", []), *args.note]
         if args.focus or args.note:
             save_rows(json_path, rows, meta)
-        write_leaderboard(args.out, rows, meta, args.section)
+        write_leaderboard(args.out, rows, meta, args.section, _replot_counter(args.model, rows))
         return rows
 
     import torch
 
     from vllm_entropy_kv.eval.__main__ import cpu_model
     from vllm_entropy_kv.eval.model import load_model
-    from vllm_entropy_kv.eval.ruler.offline import run_suite
+    from vllm_entropy_kv.eval.ruler.offline import prompt_counter, run_suite
 
     unknown = sorted(set(args.tasks) - set(TASKS))
     if unknown:
@@ -121,9 +124,22 @@ def main(argv: list[str] | None = None) -> list[Row]:
     save_rows(json_path, rows, meta)
     from vllm_entropy_kv.eval.ruler.leaderboard import write_leaderboard
 
-    write_leaderboard(args.out, rows, meta, args.section)
+    write_leaderboard(args.out, rows, meta, args.section, prompt_counter(model.tokenizer))
     print(f"[eval] ruler done in {run['wall time']}: {args.out / 'RESULTS.md'}", file=sys.stderr)
     return rows
+
+
+def _replot_counter(model: Path | None, rows: list[Row]) -> CountTokens | None:
+    """The prompt-length counter of `model`'s tokenizer, if a task of the rows needs its
+    samples regenerated (`by_reference`)."""
+    if not any(r["task"] in ORDERED_TASKS for r in rows):
+        return None
+    from transformers import AutoTokenizer
+
+    from vllm_entropy_kv import assets
+    from vllm_entropy_kv.eval.ruler.offline import prompt_counter
+
+    return prompt_counter(AutoTokenizer.from_pretrained(model or assets.model_dir()))
 
 
 if __name__ == "__main__":

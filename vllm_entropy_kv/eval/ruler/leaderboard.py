@@ -13,6 +13,8 @@ from typing import Any
 from vllm_entropy_kv.bench.sections import table, write_section
 from vllm_entropy_kv.eval.results import Row
 from vllm_entropy_kv.eval.ruler.arms import REFERENCE
+from vllm_entropy_kv.eval.ruler.by_reference import by_place_tables
+from vllm_entropy_kv.eval.ruler.sample import CountTokens
 from vllm_entropy_kv.eval.ruler.stats import Estimate, average, estimate, mean_of_means
 from vllm_entropy_kv.eval.ruler.tasks import TASKS
 
@@ -186,7 +188,9 @@ def plot_name(name: str) -> str:
     return f"{name}_vs_ratio.png"
 
 
-def section(scores: Scores, meta: dict[str, Any], name: str = SECTION) -> str:
+def section(
+    scores: Scores, meta: dict[str, Any], name: str = SECTION, by_place: Sequence[str] = ()
+) -> str:
     title = "RULER-style suite" if name == SECTION else f"RULER-style suite: {name}"
     out = [f"## {title} (`python -m vllm_entropy_kv.eval.ruler`)", ""]
     for run in meta.get("runs", []):
@@ -211,6 +215,8 @@ def section(scores: Scores, meta: dict[str, Any], name: str = SECTION) -> str:
                 f"more ({judged}; all columns if none has):", ""]
         out += paired + [""]
     out += goals(scores)
+    if by_place:
+        out += [""] + list(by_place)
     if meta.get("notes"):
         out += ["", "Notes:", ""] + [f"- {note}" for note in meta["notes"]]
     out += ["", f"![{name} against kept ratio](img/{plot_name(name)})"]
@@ -218,12 +224,18 @@ def section(scores: Scores, meta: dict[str, Any], name: str = SECTION) -> str:
 
 
 def write_leaderboard(
-    out: Path, rows: Sequence[Row], meta: dict[str, Any], name: str = SECTION
+    out: Path,
+    rows: Sequence[Row],
+    meta: dict[str, Any],
+    name: str = SECTION,
+    count: CountTokens | None = None,
 ) -> str:
     """Section `name` of <out>/RESULTS.md and its plot in <out>/img/; returns the section's
-    text."""
+    text. With `count` (the tokenizer's prompt length), tasks that ask for values in order
+    also get their hits by place (`by_reference`)."""
     scores = Scores(rows)
-    text = section(scores, meta, name)
+    by_place = by_place_tables(rows, count) if count is not None else []
+    text = section(scores, meta, name, by_place)
     plot(scores, out / "img" / plot_name(name))
     page = out / "RESULTS.md"
     if not page.exists():
