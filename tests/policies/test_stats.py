@@ -52,6 +52,23 @@ def test_matches_naive_oracle(make_layers, m: int, chunk: int) -> None:
     assert stats.num_queries == m
 
 
+@pytest.mark.parametrize("chunk", [None, 500, 1])
+def test_query_max_keeps_each_keys_largest_share(make_layers, chunk: int | None) -> None:
+    """query_reduce "max": a key's score is the most any one window query gives it, in every
+    batching; entropies are unchanged, and token entropy (a sum) refuses it."""
+    layers = make_layers(num_layers=3, q_heads=6, kv_heads=2, n=60, window=16, seed=5)
+    stats = attention_stats_batch(layers, 16, query_reduce="max", chunk_elements=chunk)
+    for layer, obs in enumerate(layers):
+        probs = attention_probs(obs.queries, obs.keys, obs.scale)
+        torch.testing.assert_close(stats.head_scores[layer], probs.amax(1))
+    summed = attention_stats_batch(layers, 16, chunk_elements=chunk)
+    torch.testing.assert_close(stats.head_entropy, summed.head_entropy)
+    with pytest.raises(ValueError, match="query_reduce must be 'sum' or 'max'"):
+        attention_stats_batch(layers, 16, query_reduce="mean")
+    with pytest.raises(ValueError, match="'sum' with token_entropy"):
+        attention_stats_batch(layers, 16, query_reduce="max", token_entropy=True)
+
+
 def test_uses_last_queries_and_causal_mask(make_layers) -> None:
     obs = make_layers(num_layers=1, n=40, window=10)[0]
     probs = attention_probs(obs.queries, obs.keys, obs.scale)

@@ -14,7 +14,12 @@ from vllm_entropy_kv.policies.selection import (
     carry_forward,
     chunk_scores,
 )
-from vllm_entropy_kv.policies.stats import GroupReduce, HeadReduce, attention_stats_batch
+from vllm_entropy_kv.policies.stats import (
+    GroupReduce,
+    HeadReduce,
+    QueryReduce,
+    attention_stats_batch,
+)
 
 
 @register_policy
@@ -43,6 +48,8 @@ class EntropyPolicy(ScorerPolicy):
         the answer's dropped. Server-like offline needle (whole chat prompt compressed, 3k
         tokens, 9 depths, 25% kept): reach 32 6/9, reach 1 5/9, the full cache 7/9.
     chunk_size: tokens are kept or dropped in chunks of this many positions (1: per token).
+    query_reduce: how the window's queries combine into a key's score: "sum" (SnapKV) or
+        "max" (`attention_stats_batch`).
     """
 
     name: ClassVar[str] = "entropy"
@@ -54,9 +61,11 @@ class EntropyPolicy(ScorerPolicy):
     head_reduce: HeadReduce = "mean"
     reach: int = 32
     chunk_size: int = 32
+    query_reduce: QueryReduce = "sum"
 
     def score(self, layers: list[LayerObservation]) -> LayerScores:
-        stats = attention_stats_batch(layers, self.observation_queries, entropy=True)
+        stats = attention_stats_batch(layers, self.observation_queries, entropy=True,
+                                      query_reduce=self.query_reduce)
         tokens = stats.token_scores(self.group_reduce, self.head_reduce)
         carried = carry_forward(tokens, self.reach)
         return LayerScores(chunk_scores(carried, self.chunk_size), stats)

@@ -33,6 +33,10 @@ GroupReduce = Literal["mean", "max", "sum"]
 # How a layer's KV heads combine into its one token score: "mean" (the entropy paper) or
 # "max" (AdaKV-style head-adaptive allocation within one shared token set).
 HeadReduce = Literal["mean", "max"]
+# How the observed queries' attention to a key combines: "sum" (SnapKV, H2O) or "max" (the
+# key's share of the query that attends to it most: a few queries naming one of several
+# asked keys are not outvoted by the rest of the window).
+QueryReduce = Literal["sum", "max"]
 
 # Scores materialised at once (layers x heads x query chunk x visible keys). On a GPU 4M
 # floats = 16 MB, large enough that a request's layers take a handful of batched steps; on a
@@ -92,7 +96,8 @@ class AttentionStats:
     head_entropy: [L, Hq] Shannon entropy of each query's attention, divided by log(keys it
         can see) so it lies in [0, 1], averaged over the observed queries; None when not
         asked for.
-    head_scores: [L, Hq, n] attention mass each key received, summed over the observed queries.
+    head_scores: [L, Hq, n] attention mass each key received, summed over the observed queries
+        (or its most from one query, with query_reduce "max").
     num_kv_heads: Hkv, for GQA-aware aggregation.
     num_queries: M, the number of observed queries.
     token_entropy: [L, n] or None; see `attention_stats_batch(token_entropy=True)`.
@@ -258,6 +263,7 @@ def attention_stats_batch(
     token_entropy: bool = False,
     chunk_elements: int | None = None,
     stacked: bool | None = None,
+    query_reduce: QueryReduce = "sum",
 ) -> AttentionStats:
     """Entropy and key scores of every layer's last `num_queries` observed queries.
 
@@ -267,7 +273,12 @@ def attention_stats_batch(
         (diffuse, "high-entropy" token), 0 = one query alone attends to it. SRC uses it.
     chunk_elements: scores materialised at once; None: the default of the batching (above).
     stacked: batch several layers per step (None: `stacks_layers(device)`).
+    query_reduce: how `head_scores` combine the queries (`QueryReduce`); `token_entropy`
+        needs their sum.
     """
+    if query_reduce not in ("sum", "max") or (token_entropy and query_reduce != "sum"):
+        raise ValueError(f"query_reduce must be 'sum' or 'max' ('sum' with token_entropy), "
+                         f"got {query_reduce!r}")
     n = prompt_length(layers)
     queries = stacked_queries(layers, num_queries)
     num_layers, num_heads, m, d = queries.shape
@@ -306,7 +317,11 @@ def attention_stats_batch(
             width = logits.shape[-1]
             probs = probs_buf[: logits.numel()].view_as(logits)
             torch.softmax(logits, dim=-1, out=probs)
-            head_scores[a:b, :, :width] += probs.sum(-2).flatten(1, 2)
+            if query_reduce == "max":
+                torch.maximum(head_scores[a:b, :, :width], probs.amax(-2).flatten(1, 2),
+                              out=head_scores[a:b, :, :width])
+            else:
+                head_scores[a:b, :, :width] += probs.sum(-2).flatten(1, 2)
             if not (entropy or token_entropy):
                 continue
             # log Z = max logit - log(max prob): exact, and saves a second pass of exp.
