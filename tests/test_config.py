@@ -110,7 +110,8 @@ def test_invalid_additional_config_is_reported() -> None:
 # The policy parameters among the settings (`POLICY_PARAMETERS`): reachable as flags and
 # additional_config keys, validated, and really set on the policy the worker plans with.
 
-NEW_VALUES = {"reach": 8, "chunk_size": 16, "exponent": 0.5, "summary_fraction": 0.25}
+NEW_VALUES = {"reach": 8, "chunk_size": 16, "exponent": 0.5, "summary_fraction": 0.25,
+              "query_reduce": "max"}
 
 
 # The server's own defaults where they differ from the policy class's (the RULER tuning
@@ -187,6 +188,7 @@ def test_summary_fraction_changes_the_plan() -> None:
 @pytest.mark.parametrize(("setting", "bad"), [
     ("reach", 0), ("chunk_size", 0), ("exponent", -1.0), ("exponent", float("inf")),
     ("summary_fraction", 1.5), ("summary_fraction", -0.1), ("window", 0),
+    ("query_reduce", "mean"),
 ])
 def test_out_of_range_policy_parameters_name_the_field_and_valid_values(
     setting: str, bad: float

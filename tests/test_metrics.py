@@ -302,7 +302,8 @@ def test_kv_policy_endpoint(entropy_server: VllmServer, traffic) -> None:
     assert body["settings"] == {"policy": "entropy", "budget": 0.25, "sink_tokens": 4,
                                 "recent_tokens": 32, "window": 16, "merge_bias": True,
                                 "reach": 32, "chunk_size": 32, "exponent": 0.0,
-                                "summary_fraction": 0.1, "enabled": True, "block_size": 32}
+                                "summary_fraction": 0.1, "query_reduce": "sum", "enabled": True,
+                                "block_size": 32}
     now = counters(entropy_server.url)
     totals = body["totals"]
     assert totals["requests_compressed"] == now["requests"]

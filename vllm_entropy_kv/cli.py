@@ -40,6 +40,8 @@ FLAG_HELP: dict[str, str] = {
     "default: uniform; 1: the entropy paper's).",
     "summary_fraction": "Share of each layer's budget spent on summary tokens, in [0, 1] "
     "(0: pure eviction).",
+    "query_reduce": "How the window's queries combine into a token's score: sum (SnapKV's) "
+    "or max (the query that attends to it most).",
 }
 
 

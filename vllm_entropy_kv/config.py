@@ -36,6 +36,7 @@ POLICY_PARAMETERS: dict[str, str] = {
     "chunk_size": "chunk_size",
     "exponent": "exponent",
     "summary_fraction": "summary_fraction",
+    "query_reduce": "query_reduce",
 }
 # Queries captured for a policy that looks at no attention (none, streaming): what the worker
 # captured before `window` followed the policy; unused by those policies.
@@ -55,6 +56,7 @@ _VALID: dict[str, tuple[Callable[[Any], bool], str]] = {
     "exponent": (lambda v: math.isfinite(v) and v >= 0,
                  "a finite number >= 0 (0: uniform layer budgets)"),
     "summary_fraction": (lambda v: 0 <= v <= 1, "a fraction in [0, 1] (0: pure eviction)"),
+    "query_reduce": (lambda v: v in ("sum", "max"), "'sum' or 'max'"),
 }
 
 
@@ -83,7 +85,7 @@ class KVPolicyConfig:
         number on construction, since the worker captures `window` queries.
     merge_bias: summary tokens (entropy-merge, src) get log(count) added to their attention
         scores, so each weighs like the tokens it stands for.
-    reach, chunk_size, exponent (entropy, entropy-merge) and summary_fraction
+    reach, chunk_size, exponent, query_reduce (entropy, entropy-merge) and summary_fraction
         (entropy-merge): the policies' parameters of those names; see `EntropyPolicy` and
         `EntropyMergePolicy`. The defaults are theirs but one: the server's exponent is 0
         (uniform layer budgets) where the policy's (the entropy paper's) is 1, because the
@@ -101,6 +103,7 @@ class KVPolicyConfig:
     chunk_size: int = 32
     exponent: float = 0.0
     summary_fraction: float = 0.1
+    query_reduce: str = "sum"
 
     def __post_init__(self) -> None:
         if self.policy not in SERVED_POLICIES:

@@ -7,7 +7,8 @@ OpenAI body field `vllm_xargs` (which becomes `SamplingParams.extra_args`):
 
 Keys are the `--kv-*` flags with underscores (`kv_policy`, `kv_budget`, `kv_sink_tokens`,
 `kv_recent_tokens`, `kv_window`, `kv_merge_bias`, and the policy parameters `kv_reach`,
-`kv_chunk_size`, `kv_exponent`, `kv_summary_fraction`: `KVPolicyConfig.field_names()`); the
+`kv_chunk_size`, `kv_exponent`, `kv_summary_fraction`, `kv_query_reduce`:
+`KVPolicyConfig.field_names()`); the
 server's flags are the defaults for the keys a request leaves out. The worker applies them (`CompressionWorker.request_config`). Invalid settings are
 answered here with HTTP 400 whose `param` names the field, e.g. `vllm_xargs.kv_budget`:
 vLLM itself passes unknown extra args through untouched, and an error inside the engine
