@@ -11,6 +11,7 @@ from vllm_entropy_kv.cli import add_kv_arguments, fold_into_additional_config
 from vllm_entropy_kv.config import (
     POLICY_PARAMETERS,
     SERVED_POLICIES,
+    SERVED_WINDOWS,
     KVPolicyConfig,
     KVPolicyConfigError,
     policies_using,
@@ -114,26 +115,30 @@ NEW_VALUES = {"reach": 8, "chunk_size": 16, "exponent": 0.5, "summary_fraction":
               "query_reduce": "max"}
 
 
-# The server's own defaults where they differ from the policy class's (the RULER tuning
-# split chose uniform layer budgets; the class keeps the entropy paper's exponent 1).
-SERVER_DEFAULTS = {"exponent": 0.0}
+# The server's own defaults where they differ from the policy class's (RULER tuning splits
+# chose uniform layer budgets, and a 32-query window whose queries count by their maximum;
+# the class keeps the entropy paper's exponent 1, a 16-query window and the sum).
+SERVER_DEFAULTS = {"exponent": 0.0, "query_reduce": "max"}
 
 
-def test_policy_parameter_defaults_are_the_policies_own_but_the_exponent() -> None:
+def test_policy_parameter_defaults_are_the_policies_own_but_the_tuned_ones() -> None:
     for setting, param in POLICY_PARAMETERS.items():
         users = policies_using(setting)
         assert users, setting
         for name in users:
             config = KVPolicyConfig(policy=name)
             want = SERVER_DEFAULTS.get(setting, getattr(get_policy(name), param))
+            if setting == "window":
+                want = SERVED_WINDOWS.get(name, want)
             assert getattr(config.make_policy(), param) == want, (name, setting)
-    assert get_policy("entropy").exponent == 1.0
+    entropy = get_policy("entropy")
+    assert (entropy.exponent, entropy.observation_queries, entropy.query_reduce) == (
+        1.0, 16, "sum")
 
 
-def test_window_defaults_to_each_policys_own_window() -> None:
-    assert KVPolicyConfig(policy="entropy").window == 16
-    assert KVPolicyConfig(policy="entropy-merge").window == 16
-    for name in ("snapkv", "pyramid", "src"):
+def test_window_defaults_to_the_servers_window_for_each_policy() -> None:
+    assert SERVED_WINDOWS == {"entropy": 32, "entropy-merge": 32}
+    for name in ("entropy", "entropy-merge", "snapkv", "pyramid", "src"):
         assert KVPolicyConfig(policy=name).window == 32
     # streaming and none look at no attention.
     assert "streaming" not in policies_using("window")
@@ -220,11 +225,11 @@ def test_an_unset_window_stays_unset_through_additional_config() -> None:
     args = _parser().parse_args(["--kv-policy", "entropy"])
     fold_into_additional_config(args)
     assert args.additional_config["kv_window"] is None
-    assert KVPolicyConfig.from_additional_config(args.additional_config).window == 16
+    assert KVPolicyConfig.from_additional_config(args.additional_config).window == 32
 
 
 def test_every_setting_has_a_flag_with_help() -> None:
     help_text = " ".join(_parser().format_help().split())
     for field in KVPolicyConfig.field_names():
         assert "--kv-" + field.replace("_", "-") in help_text, field
-    assert "Default: the policy's own (entropy, entropy-merge 16" in help_text
+    assert "Default: by policy (entropy, entropy-merge, src, snapkv, pyramid 32)" in help_text

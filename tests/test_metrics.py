@@ -300,9 +300,9 @@ def test_gauges_and_histograms_on_metrics(entropy_server: VllmServer, traffic) -
 def test_kv_policy_endpoint(entropy_server: VllmServer, traffic) -> None:
     body = requests.get(entropy_server.url + "/v1/kv-policy", timeout=10).json()
     assert body["settings"] == {"policy": "entropy", "budget": 0.25, "sink_tokens": 4,
-                                "recent_tokens": 32, "window": 16, "merge_bias": True,
+                                "recent_tokens": 32, "window": 32, "merge_bias": True,
                                 "reach": 32, "chunk_size": 32, "exponent": 0.0,
-                                "summary_fraction": 0.1, "query_reduce": "sum", "enabled": True,
+                                "summary_fraction": 0.1, "query_reduce": "max", "enabled": True,
                                 "block_size": 32}
     now = counters(entropy_server.url)
     totals = body["totals"]

@@ -69,7 +69,7 @@ def _default_text(field: str, defaults: KVPolicyConfig) -> str:
         for name in policies_using(field):
             by_window.setdefault(default_window(name), []).append(name)
         own = "; ".join(f"{', '.join(names)} {window}" for window, names in by_window.items())
-        return f"Default: the policy's own ({own})."
+        return f"Default: by policy ({own})."
     text = f"Default: {getattr(defaults, field)}."
     if field in POLICY_PARAMETERS:
         text += f" Read by: {', '.join(policies_using(field))}."
