@@ -117,3 +117,16 @@ def test_hits_by_place_follow_the_order_of_the_asked_keys() -> None:
     assert table[0] == "| policy | ratio | samples | key 1 | key 2 | key 3 | key 4 |"
     assert table[2:] == ["| none | 1 | 2 | 100% | 100% | 100% | 100% |",
                          "| entropy | 0.25 | 2 | 0% | 0% | 100% | 100% |"]
+
+
+def test_the_default_arms_include_what_the_server_plans_with() -> None:
+    """The served setting's row is named by the fields where the server's defaults differ
+    from the policy class's (the name its rows in docs/img/ruler.json carry), and plans with
+    the server's policy object."""
+    from vllm_entropy_kv.config import KVPolicyConfig
+    from vllm_entropy_kv.eval.ruler.arms import DEFAULT_ARMS, arm, served_arm_name
+
+    name = served_arm_name()
+    assert name == "entropy:exponent=0:observation_queries=32:query_reduce=max"
+    assert name in DEFAULT_ARMS
+    assert arm(name).build() == KVPolicyConfig(policy="entropy").make_policy()

@@ -50,11 +50,28 @@ ABLATIONS = {
     # SRC without its synthetic tokens: what its kept tokens alone do (its budget minus rank).
     "src-kept": Arm("src-kept", "src", kept_only=True),
 }
+
+
+def served_arm_name(policy: str = "entropy") -> str:
+    """`policy:field=value:...` for what `vllm serve --kv-policy <policy>` plans with by
+    default: the fields where the server's defaults (`config.KVPolicyConfig`) differ from the
+    policy class's, so the leaderboard row of the served setting has one name."""
+    from vllm_entropy_kv.config import KVPolicyConfig
+
+    served = KVPolicyConfig(policy=policy).make_policy()
+    own = get_policy(policy)
+    changed = sorted((f.name, getattr(served, f.name)) for f in fields(served)
+                     if f.init and getattr(served, f.name) != getattr(own, f.name))
+    return ":".join([policy, *(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in changed)])
+
+
 # entropy-merge without the merge (summary_fraction 0) plans exactly what `entropy` plans (the
 # same scores, budgets and selection), so `entropy` is that row.
 DEFAULT_ARMS = (
     "none",
     "entropy",
+    served_arm_name(),
     "entropy-uniform",
     "snapkv",
     "pyramid",
