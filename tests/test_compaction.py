@@ -26,7 +26,7 @@ from vllm_entropy_kv.engine.cache_layout import (  # noqa: E402
 )
 from vllm_entropy_kv.engine.summaries import biased_decode_attention  # noqa: E402
 from vllm_entropy_kv.engine.worker import CaptureRequest, CompressionWorker  # noqa: E402
-from vllm_entropy_kv.policies import Budget, LayerObservation, get_policy  # noqa: E402
+from vllm_entropy_kv.policies import Budget, LayerObservation  # noqa: E402
 from vllm_entropy_kv.policies.stats import attention_output, compressed_kv  # noqa: E402
 
 HQ, HKV = 9, 3
@@ -157,7 +157,7 @@ def test_compacted_cache_reads_as_kept_tokens_plus_tail(policy: str, layout: Lay
         keys=keys[:prompt].transpose(0, 1), values=values[:prompt].transpose(0, 1),
         scale=layout.scale, query_offset=tail,
     )
-    plan = get_policy(policy).plan([observation], Budget(0.25, block_size=block))[0]
+    plan = config.make_policy().plan([observation], Budget(0.25, block_size=block))[0]
     assert plan.num_physical == kept
     slot_keys, slot_values, slot_bias = compressed_kv(observation, plan)
     visible_keys = torch.cat([slot_keys, keys[prompt:].transpose(0, 1)], dim=1)
