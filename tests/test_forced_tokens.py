@@ -77,6 +77,11 @@ def test_each_step_lets_only_its_forced_id_through(vllm_config) -> None:
 # Prefill scores a token in one pass over the prompt, decode in a step of its own: in bf16 the
 # two round differently (up to 0.16 nats measured); in float32 they agree to 2e-3.
 PROMPT_VS_DECODE_TOLERANCE = {"float32": 2e-3, "bfloat16": 0.25}
+# The compressed request hits the blocks the `none` request left in the prefix cache and
+# recomputes those holding its observation window, so its prefill runs in other pieces: in
+# bf16 its first logprob rounds differently (0.006 measured with the 32-query window,
+# 2026-12-07); in float32 the pieces agree to 2e-3.
+PREFILL_PIECES_TOLERANCE = {"float32": 2e-3, "bfloat16": 0.05}
 
 
 def forced(url: str, context: list[int], continuation: list[int], policy: str) -> list[float]:
@@ -113,7 +118,7 @@ def test_forced_tokens_get_the_models_logprobs_over_the_compressed_cache(
     # and the later ones are read over the compressed cache (from the third on: the request is
     # compacted at the start of its first decode step).
     compressed = forced(entropy_server.url, context, continuation, "entropy")
-    assert compressed[0] == pytest.approx(full[0], abs=2e-3)
+    assert compressed[0] == pytest.approx(full[0], abs=PREFILL_PIECES_TOLERANCE[default_dtype()])
     assert max(abs(a - b) for a, b in zip(compressed[1:], full[1:])) > 1e-2
 
 
