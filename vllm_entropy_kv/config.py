@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_entropy_kv.policies import Budget, KVPolicy, available_policies, get_policy
+from vllm_entropy_kv.policies.stats import QUERY_REDUCTIONS
 
 # Policies the engine serves today. The offline evaluation can run every registered policy;
 # a policy joins this list when it works end to end in `vllm serve`.
@@ -56,7 +57,8 @@ _VALID: dict[str, tuple[Callable[[Any], bool], str]] = {
     "exponent": (lambda v: math.isfinite(v) and v >= 0,
                  "a finite number >= 0 (0: uniform layer budgets)"),
     "summary_fraction": (lambda v: 0 <= v <= 1, "a fraction in [0, 1] (0: pure eviction)"),
-    "query_reduce": (lambda v: v in ("sum", "max"), "'sum' or 'max'"),
+    "query_reduce": (lambda v: v in QUERY_REDUCTIONS,
+                     " or ".join(repr(r) for r in QUERY_REDUCTIONS)),
 }
 
 

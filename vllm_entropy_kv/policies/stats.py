@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -37,6 +37,7 @@ HeadReduce = Literal["mean", "max"]
 # key's share of the query that attends to it most: a few queries naming one of several
 # asked keys are not outvoted by the rest of the window).
 QueryReduce = Literal["sum", "max"]
+QUERY_REDUCTIONS: tuple[str, ...] = get_args(QueryReduce)
 
 # Scores materialised at once (layers x heads x query chunk x visible keys). On a GPU 4M
 # floats = 16 MB, large enough that a request's layers take a handful of batched steps; on a
@@ -276,8 +277,9 @@ def attention_stats_batch(
     query_reduce: how `head_scores` combine the queries (`QueryReduce`); `token_entropy`
         needs their sum.
     """
-    if query_reduce not in ("sum", "max") or (token_entropy and query_reduce != "sum"):
-        raise ValueError(f"query_reduce must be 'sum' or 'max' ('sum' with token_entropy), "
+    if query_reduce not in QUERY_REDUCTIONS or (token_entropy and query_reduce != "sum"):
+        valid = " or ".join(repr(r) for r in QUERY_REDUCTIONS)
+        raise ValueError(f"query_reduce must be {valid} ('sum' with token_entropy), "
                          f"got {query_reduce!r}")
     n = prompt_length(layers)
     queries = stacked_queries(layers, num_queries)
