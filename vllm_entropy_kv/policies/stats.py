@@ -187,7 +187,8 @@ def aggregate_heads(
     all heads' scores taken together, so a head with concentrated attention spends little
     budget and a diffuse one more; walking those entries in descending order until B distinct
     tokens are covered keeps exactly the B tokens with the highest score in any head. Each
-    head's scores sum to the number of observed queries, so heads compare as they are."""
+    head's scores sum to the number of observed queries (each at most 1 with query_reduce
+    "max"), so heads compare as they are."""
     grouped = reduce_groups(head_scores, num_kv_heads, group_reduce)
     return _reduce_heads(grouped, head_reduce, ("mean", "max"), "head_reduce")
 
