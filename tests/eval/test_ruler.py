@@ -65,8 +65,8 @@ def test_smoke_leaderboard(tmp_path: Path) -> None:
 
 
 def test_focus_arm_is_compared_with_entropy_and_its_variants() -> None:
-    """A tuning round around another arm (the served default, say) pairs it with entropy and
-    entropy's variants, by name."""
+    """A tuning round around another arm (the served default, say) pairs it with entropy,
+    entropy's variants and entropy-merge's, by name."""
     from vllm_entropy_kv.eval.ruler.leaderboard import Scores, comparisons
 
     def rows(arm: str, scores: list[float]) -> list[dict]:
@@ -74,12 +74,14 @@ def test_focus_arm_is_compared_with_entropy_and_its_variants() -> None:
                  "score": s, "kept": 0.25} for i, s in enumerate(scores)]
 
     scores = Scores(rows("entropy-uniform", [1.0] * 8) + rows("entropy", [0.0] * 8)
-                    + rows("entropy:exponent=0:chunk_size=16", [1.0] * 8))
+                    + rows("entropy:exponent=0:chunk_size=16", [1.0] * 8)
+                    + rows("entropy-merge:exponent=0", [0.5] * 8))
     lines = comparisons(scores, "entropy-uniform")
-    assert len(lines) == 2
+    assert len(lines) == 3
     assert lines[0].startswith("- ratio 0.25: entropy-uniform - entropy = +100.0 points")
     assert lines[0].endswith("entropy-uniform ahead")
     assert "entropy-uniform - entropy:exponent=0:chunk_size=16 = +0.0" in lines[1]
+    assert "entropy-uniform - entropy-merge:exponent=0 = +50.0" in lines[2]
     assert comparisons(scores)[0].startswith("- ratio 0.25: entropy - entropy-uniform = -100.0")
 
 

@@ -22,6 +22,7 @@ SECTION = "ruler"
 # Cells with fewer samples than the issue asks for are marked, not hidden.
 MIN_SAMPLES = 100
 FOCUS = "entropy"
+MERGING = "entropy-merge"
 BASELINES = ("entropy-uniform", "entropy-token", "snapkv", "pyramid", "streaming", "src")
 GOAL_RATIO = 0.25
 GOAL_FRACTION = 0.9
@@ -108,10 +109,12 @@ def leaderboard_table(scores: Scores) -> str:
 
 
 def comparisons(scores: Scores, focus: str = FOCUS) -> list[str]:
-    """Paired differences focus - baseline per ratio, in points with 95% intervals; `entropy`
-    and its tuning variants (`entropy:field=value`) are compared with the focus too."""
+    """Paired differences focus - baseline per ratio, in points with 95% intervals; `entropy`,
+    `entropy-merge` and their tuning variants (`entropy:field=value`) are compared with the
+    focus too, so a served setting is paired with its merging counterpart."""
     out = []
-    variants = tuple(a for a in scores.arms if a == FOCUS or a.startswith(FOCUS + ":"))
+    variants = tuple(a for a in scores.arms
+                     if a.split(":")[0] in (FOCUS, MERGING) and a not in BASELINES)
     others = [a for a in dict.fromkeys(BASELINES + variants) if a != focus]
     for ratio in scores.ratios:
         mine = (focus, ratio)
