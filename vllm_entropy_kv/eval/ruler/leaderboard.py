@@ -113,8 +113,7 @@ def comparisons(scores: Scores, focus: str = FOCUS) -> list[str]:
     `entropy-merge` and their tuning variants (`entropy:field=value`) are compared with the
     focus too, so a served setting is paired with its merging counterpart."""
     out = []
-    variants = tuple(a for a in scores.arms
-                     if a.split(":")[0] in (FOCUS, MERGING) and a not in BASELINES)
+    variants = tuple(a for a in scores.arms if a.split(":")[0] in (FOCUS, MERGING))
     others = [a for a in dict.fromkeys(BASELINES + variants) if a != focus]
     for ratio in scores.ratios:
         mine = (focus, ratio)
