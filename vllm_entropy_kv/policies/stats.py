@@ -186,9 +186,10 @@ def aggregate_heads(
     allocation (Feng et al. 2024) under one shared token set: AdaKV keeps the top entries of
     all heads' scores taken together, so a head with concentrated attention spends little
     budget and a diffuse one more; walking those entries in descending order until B distinct
-    tokens are covered keeps exactly the B tokens with the highest score in any head. Each
-    head's scores sum to the number of observed queries (each at most 1 with query_reduce
-    "max"), so heads compare as they are."""
+    tokens are covered keeps exactly the B tokens with the highest score in any head. Every
+    head's scores are on one scale, so heads compare as they are: with query_reduce "sum" a
+    head's scores sum to the number of observed queries, with "max" each is one query's
+    attention to the token, at most 1."""
     grouped = reduce_groups(head_scores, num_kv_heads, group_reduce)
     return _reduce_heads(grouped, head_reduce, ("mean", "max"), "head_reduce")
 
