@@ -32,6 +32,17 @@ def test_cells_send_settings_the_server_accepts() -> None:
     assert unbiased.label == "src@0.25 kv_merge_bias=false"
 
 
+def test_policies_flag_takes_per_request_settings() -> None:
+    from vllm_entropy_kv.bench.__main__ import parse_args
+
+    args = parse_args(["--policies", "entropy:kv_recent_tokens=128,snapkv"])
+    assert args.policies == [("entropy", (("kv_recent_tokens", 128),)), ("snapkv", ())]
+    cell = Cell("entropy", 0.25, args.policies[0][1])
+    assert KVPolicyConfig(policy="entropy").for_request(cell.xargs()).recent_tokens == 128
+    with pytest.raises(SystemExit):
+        parse_args(["--policies", "entropy:recent=128"])  # not a kv_ field
+
+
 def test_tables_report_ratios_to_none() -> None:
     results = Results()
     results.single[("none", 3000)] = Timing(3000, 64, 2.0, 0.040, 4.6)

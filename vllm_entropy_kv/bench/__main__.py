@@ -38,6 +38,7 @@ from vllm_entropy_kv.bench.probes import (
     continuation_nll,
     encode,
     needle_hits,
+    parse_policy,
     prompt_of_tokens,
     sampled_completion,
     timed_completion,
@@ -73,7 +74,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--url-dtype", help="the dtype of the --url server, for the report's "
                         "header (default: the launcher's default on this CPU)")
     parser.add_argument("--capacity-url", help="a running small-memory server for capacity")
-    parser.add_argument("--policies", default=",".join(COMPRESSING))
+    parser.add_argument("--policies", default=",".join(COMPRESSING),
+                        help="comma-separated NAME[:kv_FIELD=VALUE...], e.g. "
+                        "entropy:kv_recent_tokens=128 (per-request settings, as vllm_xargs)")
     parser.add_argument("--budgets", default="0.1,0.25,0.5")
     parser.add_argument("--capacity-budgets", help="entropy budgets of the capacity test "
                         "(default: --budgets)")
@@ -115,7 +118,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.vllm_bench_pressure_prompts = args.vllm_bench_pressure_concurrency = 16
     if args.url_dtype and not args.url:
         parser.error("--url-dtype names the dtype of a server given by --url")
-    args.policies = [p for p in args.policies.split(",") if p]
+    try:
+        args.policies = [parse_policy(p) for p in args.policies.split(",") if p]
+    except ValueError as error:
+        parser.error(f"--policies: {error}")
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.capacity_budgets = ([float(b) for b in args.capacity_budgets.split(",")]
                              if args.capacity_budgets else args.budgets)
@@ -153,11 +159,11 @@ def compaction_seconds(url: str, policy: str) -> float | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     none = Cell("none")
-    headline = [Cell(p, 0.25) for p in args.policies]
+    headline = [Cell(p, 0.25, s) for p, s in args.policies]
     # Summaries with and without their log(count) bias, side by side on the same inputs.
-    unbiased = [Cell(p, 0.25, (("kv_merge_bias", False),))
-                for p in args.policies if p in SUMMARISING]
-    cells = [none] + [Cell(p, b) for p in args.policies for b in args.budgets]
+    unbiased = [Cell(p, 0.25, (*s, ("kv_merge_bias", False)))
+                for p, s in args.policies if p in SUMMARISING]
+    cells = [none] + [Cell(p, b, s) for p, s in args.policies for b in args.budgets]
     sweep = [none, Cell("entropy", 0.25)]
     longest = max(args.lengths)
     results = report.Results(needle_cases=len(args.needle_depths))
@@ -194,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.single[(cell.label, mid)] = sampled_completion(
                     url, prompt_of_tokens(mid), cell, args.output_tokens)
             progress.step(f"single {cell.label} {mid} tokens")
-        for policy in args.policies:
+        for policy in dict.fromkeys(p for p, _ in args.policies):
             seconds = compaction_seconds(url, policy)
             if seconds is not None:
                 results.prefill_seconds[policy] = seconds

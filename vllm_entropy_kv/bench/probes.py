@@ -47,6 +47,23 @@ class Cell:
         return {"kv_policy": self.policy, "kv_budget": self.budget, **dict(self.settings)}
 
 
+def parse_policy(spec: str) -> tuple[str, tuple[tuple[str, object], ...]]:
+    """`NAME[:kv_FIELD=VALUE...]` into the policy's name and its per-request settings, e.g.
+    `entropy:kv_recent_tokens=128`; a value is read as JSON when it parses, else as a string.
+    The server validates the settings (HTTP 400 names a bad field)."""
+    name, *pairs = spec.split(":")
+    settings = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.startswith("kv_"):
+            raise ValueError(f"{spec!r}: settings are kv_FIELD=VALUE, got {pair!r}")
+        try:
+            settings.append((key, json.loads(value)))
+        except json.JSONDecodeError:
+            settings.append((key, value))
+    return name, tuple(settings)
+
+
 @lru_cache(maxsize=1)
 def _essay_tokens() -> list[int]:
     return tokenizer().encode(essays_text())
