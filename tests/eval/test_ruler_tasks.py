@@ -88,6 +88,14 @@ def test_arm_variants_set_policy_fields() -> None:
         arm("entropy-fast")
     with pytest.raises(ValueError, match="reach='1.5' is not of type int"):
         arm("entropy:reach=1.5")
+    # recent_tokens is the budget's (every policy keeps the last prompt tokens), and plans
+    # apart from the same policy without it.
+    recent = arm("entropy:exponent=0.5:recent_tokens=128")
+    assert recent.build() == arm("entropy:exponent=0.5").build()
+    assert recent.budget(0.25).recent_tokens == 128 and variant.budget(0.25).recent_tokens == 32
+    assert recent.plan_key != arm("entropy:exponent=0.5").plan_key
+    with pytest.raises(ValueError, match="recent_tokens is an integer"):
+        arm("entropy:recent_tokens=many")
 
 
 @requires_texts

@@ -10,9 +10,16 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
-from vllm_entropy_kv.policies import KVPolicy, LayerPlan, available_policies, get_policy
+from vllm_entropy_kv.policies import (
+    Budget,
+    KVPolicy,
+    LayerPlan,
+    available_policies,
+    get_policy,
+)
 
 REFERENCE = "none"
+RECENT = "recent_tokens="
 
 
 @dataclass(frozen=True)
@@ -22,12 +29,17 @@ class Arm:
     params: tuple[tuple[str, Any], ...] = ()
     use_bias: bool = True
     kept_only: bool = False
+    # A budget setting, not a policy field: the last prompt tokens every policy keeps.
+    recent_tokens: int = Budget.recent_tokens
 
     @property
-    def plan_key(self) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    def plan_key(self) -> tuple[str, tuple[tuple[str, Any], ...], int]:
         """Arms with the same key share one plan per ratio (bias and dropping summaries are
         applied after planning)."""
-        return self.policy, self.params
+        return self.policy, self.params, self.recent_tokens
+
+    def budget(self, ratio: float) -> Budget:
+        return Budget(keep=ratio, recent_tokens=self.recent_tokens)
 
     def build(self) -> KVPolicy:
         return get_policy(self.policy, **dict(self.params))
@@ -86,15 +98,23 @@ DEFAULT_ARMS = (
 def arm(name: str) -> Arm:
     """A registered policy with its defaults, one of the ABLATIONS, or a policy with some
     parameters set, written `policy:field=value:field=value` (e.g. `entropy:exponent=0.5`),
-    for tuning runs."""
+    for tuning runs. `recent_tokens=N` sets the budget's recent tokens (`Budget`, the
+    server's `--kv-recent-tokens`) instead of a policy field."""
     if name in ABLATIONS:
         return ABLATIONS[name]
     policy, *settings = name.split(":")
     if policy in available_policies():
+        recent = [s for s in settings if s.startswith(RECENT)]
+        settings = [s for s in settings if not s.startswith(RECENT)]
         defaults = {f.name: f.default for f in fields(type(get_policy(policy)))
                     if f.init and f.default is not MISSING}
         params = tuple(sorted(_setting(policy, s, defaults) for s in settings))
-        return Arm(name, policy, params)
+        if not recent:
+            return Arm(name, policy, params)
+        try:
+            return Arm(name, policy, params, recent_tokens=int(recent[-1][len(RECENT):]))
+        except ValueError:
+            raise ValueError(f"{name!r}: recent_tokens is an integer") from None
     valid = ", ".join([*available_policies(), *ABLATIONS])
     raise ValueError(f"unknown arm {name!r}; valid: {valid}, or policy:field=value")
 

@@ -64,7 +64,7 @@ def run_sample(model: Model, sample: Sample, pairs: Sequence[tuple[Arm, float]])
     for a, ratio in pairs:
         key = (a.plan_key, ratio)
         if key not in plans:
-            plans[key] = make_plans(built[a.plan_key], layers, ratio)
+            plans[key] = make_plans(built[a.plan_key], layers, ratio, budget=a.budget(ratio))
         applied.append(a.applied(plans[key].plans))
         states.append(apply_plans(layers, applied[-1], context.shape[1]))
     answers = greedy_answers(
