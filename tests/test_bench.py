@@ -53,10 +53,14 @@ def test_tables_report_ratios_to_none() -> None:
                "entropy@0.25": Batch([Timing(7000, 64, 9.5, 0.1, 16.0)], 14, 0, 16.0, 0.9)}
     text = batch_table(batches, [Cell("none"), Cell("entropy", 0.25)])
     assert "3.50x" in text and "0.50x" in text
-    results.perplexity = {"none": Scored(nll=200.0, tokens=100), "entropy@0.25": Scored(
-        nll=210.0, tokens=100)}
+    results.perplexity = {
+        "none": [Scored(nll=200.0, tokens=100), Scored(nll=100.0, tokens=50)],
+        "entropy@0.25": [Scored(nll=210.0, tokens=100), Scored(nll=100.0, tokens=50)]}
     text = perplexity_table(results, [Cell("none"), Cell("entropy", 0.25)])
-    assert "7.389" in text and "8.166" in text and "1.11x" in text
+    # Pooled: exp(300/150) and exp(310/150); the ratio exp(10/150), its interval between the
+    # resamples' extremes, both windows' ratios (1.105 and 1.000).
+    assert "7.389" in text and "7.898" in text and "1.069x" in text
+    assert "[1.000, 1.105]" in text
     assert ratio(None, 1.0) == ratio(1.0, 0) == "–"
 
 

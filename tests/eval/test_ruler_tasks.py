@@ -3,9 +3,12 @@ the tokenizer)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from vllm_entropy_kv import assets
+from vllm_entropy_kv.eval.perplexity import Scored, perplexity_ratio
 from vllm_entropy_kv.eval.ruler.sample import Sample
 from vllm_entropy_kv.eval.ruler.stats import average, estimate, wilson
 
@@ -56,6 +59,20 @@ def test_estimates() -> None:
     avg = average([[1.0] * 10, [0.0, 1.0] * 5])
     assert avg.mean == 0.75 and avg.samples == 20 and avg.low < 0.75 < avg.high
     assert average([[1.0, 0.0]]) == estimate([1.0, 0.0])
+
+
+def test_perplexity_ratio_resamples_paired_documents() -> None:
+    base = [Scored(nll=100.0 + i, tokens=50) for i in range(20)]
+    # Every document 2 nats worse in all: the ratio is exact, so is its interval.
+    worse = [Scored(nll=s.nll + 2.0, tokens=50) for s in base]
+    assert perplexity_ratio(worse, base) == pytest.approx((math.exp(2 / 50),) * 3)
+    mixed = [Scored(nll=s.nll + (5.0 if i % 2 else -1.0), tokens=50)
+             for i, s in enumerate(base)]
+    mean, low, high = perplexity_ratio(mixed, base)
+    assert mean == pytest.approx(math.exp(2 / 50))
+    assert math.exp(-1 / 50) < low < mean < high < math.exp(5 / 50)
+    with pytest.raises(ValueError):
+        perplexity_ratio(worse[:3], base)
 
 
 def test_served_cross_check_pairs_the_same_samples() -> None:

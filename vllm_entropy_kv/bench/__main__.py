@@ -30,7 +30,7 @@ from pathlib import Path
 
 from vllm_entropy_kv.bench import report, vllm_client
 from vllm_entropy_kv.bench.sections import write_section
-from vllm_entropy_kv.eval.perplexity import Scored
+from vllm_entropy_kv.eval.ruler.stats import BOOTSTRAP_RESAMPLES
 from vllm_entropy_kv.eval.texts import perplexity_documents
 from vllm_entropy_kv.bench.probes import (
     Cell,
@@ -219,9 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a 1,024-token forced continuation is 1,024 decode steps.
         with ThreadPoolExecutor(max_workers=args.perplexity_concurrency) as pool:
             for cell in cells + unbiased:
-                scores = list(pool.map(lambda d, c=cell: continuation_nll(url, d, c), documents))
-                results.perplexity[cell.label] = Scored(sum(s.nll for s in scores),
-                                                        sum(s.tokens for s in scores))
+                results.perplexity[cell.label] = list(
+                    pool.map(lambda d, c=cell: continuation_nll(url, d, c), documents))
                 progress.step(f"perplexity {cell.label}")
 
     def capacity_stage(url: str) -> None:
@@ -414,7 +413,8 @@ def render_perplexity(args, results, cells, documents, header: str) -> str:
         "decoded by teacher forcing (`vllm_xargs.forced_token_ids`) and scored with the "
         "model's logprobs, all but the first (predicted before compression), "
         f"{args.perplexity_concurrency} requests in flight. Perplexity is token-weighted over "
-        "the windows.",
+        "the windows; the interval of a ratio to `none` resamples whole windows, paired "
+        f"with `none`'s ({BOOTSTRAP_RESAMPLES} resamples).",
         "",
         report.perplexity_table(results, cells),
     ])

@@ -16,7 +16,7 @@ from vllm_entropy_kv import assets
 from vllm_entropy_kv.bench.probes import Batch, Cell, Timing
 from vllm_entropy_kv.bench.sections import table
 from vllm_entropy_kv.cpu import cpu_info
-from vllm_entropy_kv.eval.perplexity import Scored
+from vllm_entropy_kv.eval.perplexity import Scored, perplexity_ratio
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Results:
     needle: dict[str, int] = field(default_factory=dict)
     needle_cases: int = 0
     prefill_seconds: dict[str, float] = field(default_factory=dict)
-    perplexity: dict[str, Scored] = field(default_factory=dict)
+    perplexity: dict[str, list[Scored]] = field(default_factory=dict)  # one per document
 
 
 def attention_layout(dtype: str, block_size: int) -> str:
@@ -131,14 +131,23 @@ def needle_table(results: Results, cells: Sequence[Cell]) -> str:
 
 
 def perplexity_table(results: Results, cells: Sequence[Cell]) -> str:
+    """Token-weighted perplexity over the documents, and its ratio to `none` with a 95%
+    interval from a paired bootstrap over documents."""
     base = results.perplexity.get("none")
     rows = []
     for cell in cells:
-        scored = results.perplexity.get(cell.label)
-        if scored is not None:
-            rows.append([cell.label, scored.tokens, f"{scored.perplexity:.3f}",
-                         ratio(scored.perplexity, base and base.perplexity)])
-    return table(["cell", "scored tokens", "perplexity", "vs none"], rows)
+        scores = results.perplexity.get(cell.label)
+        if scores is None:
+            continue
+        pooled = Scored(sum(s.nll for s in scores), sum(s.tokens for s in scores))
+        vs_none, interval = "–", "–"
+        if base:
+            mean, low, high = perplexity_ratio(scores, base)
+            vs_none, interval = f"{mean:.3f}x", f"[{low:.3f}, {high:.3f}]"
+        rows.append([cell.label, len(scores), pooled.tokens, f"{pooled.perplexity:.3f}",
+                     vs_none, interval])
+    return table(["cell", "documents", "scored tokens", "perplexity", "vs none",
+                  "95% CI (paired bootstrap over documents)"], rows)
 
 
 def plot(results: Results, cells: Sequence[Cell], lengths: Sequence[int], path: Path) -> None:

@@ -9,6 +9,8 @@ continuation token, predicted by the uncompressed prefill, is left out).
 from __future__ import annotations
 
 import math
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from vllm_entropy_kv.eval.attention import LayerRecord
 from vllm_entropy_kv.eval.cache import KVState
 from vllm_entropy_kv.eval.model import Model
+from vllm_entropy_kv.eval.ruler.stats import BOOTSTRAP_RESAMPLES, percentile_interval
 
 
 @dataclass
@@ -31,6 +34,26 @@ class Scored:
     @property
     def perplexity(self) -> float:
         return math.exp(self.nll / max(1, self.tokens))
+
+
+def perplexity_ratio(
+    scored: Sequence[Scored], base: Sequence[Scored], seed: int = 0
+) -> tuple[float, float, float]:
+    """The ratio of `scored`'s token-weighted perplexity to `base`'s over the same documents
+    (paired, in the same order), with a 95% percentile-bootstrap interval that resamples
+    whole documents: a document's tokens share one text, so they are not independent."""
+    if len(scored) != len(base) or not base:
+        raise ValueError(f"{len(scored)} scored documents against {len(base)} base ones")
+    if any(s.tokens != b.tokens for s, b in zip(scored, base)):
+        raise ValueError("paired documents must score the same number of tokens")
+    pairs = [(s.nll - b.nll, b.tokens) for s, b in zip(scored, base)]
+
+    def ratio(sample: Sequence[tuple[float, int]]) -> float:
+        return math.exp(sum(d for d, _ in sample) / max(1, sum(t for _, t in sample)))
+
+    rng = random.Random(seed)
+    replicates = [ratio(rng.choices(pairs, k=len(pairs))) for _ in range(BOOTSTRAP_RESAMPLES)]
+    return (ratio(pairs), *percentile_interval(replicates))
 
 
 def score_continuation(

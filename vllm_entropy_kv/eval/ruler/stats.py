@@ -33,7 +33,8 @@ def wilson(successes: int, total: int) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _percentiles(values: list[float]) -> tuple[float, float]:
+def percentile_interval(values: list[float]) -> tuple[float, float]:
+    """The 2.5th and 97.5th percentiles of bootstrap replicates (sorts `values`)."""
     values.sort()
     last = len(values) - 1
     return values[round(0.025 * last)], values[round(0.975 * last)]
@@ -49,7 +50,7 @@ def estimate(scores: Sequence[float], seed: int = 0) -> Estimate:
         return Estimate(mean, low, high, n)
     rng = random.Random(seed)
     means = [sum(rng.choices(scores, k=n)) / n for _ in range(BOOTSTRAP_RESAMPLES)]
-    return Estimate(mean, *_percentiles(means), n)
+    return Estimate(mean, *percentile_interval(means), n)
 
 
 def mean_of_means(groups: Sequence[Sequence[float]]) -> float:
@@ -71,4 +72,5 @@ def average(groups: Sequence[Sequence[float]], seed: int = 0) -> Estimate:
         mean_of_means([rng.choices(g, k=len(g)) for g in groups])
         for _ in range(BOOTSTRAP_RESAMPLES)
     ]
-    return Estimate(mean_of_means(groups), *_percentiles(means), sum(len(g) for g in groups))
+    return Estimate(mean_of_means(groups), *percentile_interval(means),
+                    sum(len(g) for g in groups))
