@@ -118,9 +118,25 @@ def test_quick_run_writes_sane_results(tmp_path: Path) -> None:
     assert all(r["compressions"] > 1 for r in compressed)
     assert all(max(p[1] for p in r["points"][1:]) <= 256 + 128 for r in compressed)
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "full cache" in text and "Perplexity" in text
+    assert "full cache" in text and "Perplexity" in text and "vs full [95% CI]" in text
     assert (tmp_path / "img" / "ppl_vs_ratio.png").stat().st_size > 1000
     assert (tmp_path / "img" / "memory_over_time.png").stat().st_size > 1000
+
+
+def test_headline_perplexity_interval_pairs_documents() -> None:
+    from vllm_entropy_kv.eval.report import perplexity_interval
+
+    def row(doc: str, variant: str, ratio: float, nll: float) -> dict:
+        return {"task": "ppl", "doc": doc, "variant": variant, "ratio": ratio, "nll": nll,
+                "tokens": 100}
+
+    rows = [row("a", "none", 1.0, 200.0), row("b", "none", 1.0, 300.0),
+            row("a", "snapkv", 0.25, 210.0), row("b", "snapkv", 0.25, 310.0),
+            row("a", "snapkv", 0.5, 200.0)]
+    # Both documents 10 nats worse over 100 tokens each: exp(0.1) - 1 = +10.5%, exactly.
+    assert perplexity_interval(rows, "snapkv", 0.25) == "+10.5% [+10.5%, +10.5%]"
+    assert perplexity_interval(rows, "snapkv", 0.5) == "+0.0% [+0.0%, +0.0%]"
+    assert perplexity_interval(rows, "streaming", 0.25) == "–"
 
 
 def _greedy_alone(model, kv, prompt: torch.Tensor, use_bias: bool, steps: int):

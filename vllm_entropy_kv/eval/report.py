@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_entropy_kv.bench.sections import marked_sections
+from vllm_entropy_kv.eval.perplexity import Scored, perplexity_ratio
 from vllm_entropy_kv.eval.results import Row, select
 
 HEADLINE_RATIO = 0.25
@@ -47,6 +48,20 @@ def perplexities(rows: Sequence[Row], source: str | None = None) -> dict[Cell, f
         k: math.exp(sum(r["nll"] for r in g) / sum(r["tokens"] for r in g))
         for k, g in _group(chosen, lambda r: (r["variant"], r["ratio"])).items()
     }
+
+
+def perplexity_interval(rows: Sequence[Row], variant: str, ratio: float) -> str:
+    """`variant`'s perplexity at `ratio` relative to the full cache's on the same documents,
+    with the 95% interval of a paired bootstrap over documents (`perplexity_ratio`)."""
+    chosen = select(list(rows), "ppl")
+    full = {r["doc"]: Scored(r["nll"], r["tokens"]) for r in chosen if r["variant"] == "none"}
+    mine = [r for r in chosen if r["variant"] == variant and r["ratio"] == ratio
+            and r["doc"] in full]
+    if not mine:
+        return "–"
+    mean, low, high = perplexity_ratio([Scored(r["nll"], r["tokens"]) for r in mine],
+                                       [full[r["doc"]] for r in mine])
+    return f"{mean - 1:+.1%} [{low - 1:+.1%}, {high - 1:+.1%}]"
 
 
 def kept_fractions(rows: Sequence[Row], task: str) -> dict[Cell, float]:
@@ -163,9 +178,10 @@ def headline(rows: Sequence[Row], ratio: float = HEADLINE_RATIO) -> list[str]:
     wanted = [v for v in variants if v.split(" ")[0] in ENTROPY_POLICIES + BASELINES]
     out = [
         f"At keep ratio {ratio:g} (all policies at equal real memory: kept + summary tokens "
-        "count alike):",
+        "count alike; the perplexity interval resamples whole documents, paired with the "
+        "full cache's):",
         "",
-        "| policy | kept | PPL | vs full | needle hits | needle hits, query-aware | "
+        "| policy | kept | PPL | vs full [95% CI] | needle hits | needle hits, query-aware | "
         "recon. rel. error |",
         "|---|---:|---:|---:|---:|---:|---:|",
         f"| full cache | 1.000 | {_fmt(full_ppl, '.3f')} | – | {_fmt(full_hits, '')} | "
@@ -175,7 +191,7 @@ def headline(rows: Sequence[Row], ratio: float = HEADLINE_RATIO) -> list[str]:
         c = (v, ratio)
         out.append(
             f"| {v} | {_fmt(kept.get(c), '.3f')} | {_fmt(ppl.get(c), '.3f')} | "
-            f"{_rel(ppl.get(c), full_ppl)} | {_fmt(hits.get(c), '')} | "
+            f"{perplexity_interval(rows, v, ratio)} | {_fmt(hits.get(c), '')} | "
             f"{_fmt(aware.get(c), '')} | {_fmt(recon.get(c), '.4f')} |"
         )
     out.append("")
