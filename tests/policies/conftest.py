@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import pytest
 import torch
 
-from vllm_entropy_kv.policies import Budget, LayerObservation, LayerPlan
+from vllm_entropy_kv.policies import Budget, LayerObservation, LayerPlan, Rope
 
 MakeLayers = Callable[..., list[LayerObservation]]
 
@@ -26,12 +26,14 @@ def _make_layers(
     """Random layers; `sharpness[l]` scales layer l's queries (larger = lower entropy)."""
     gen = torch.Generator().manual_seed(seed)
     sharp = list(sharpness) if sharpness is not None else [1.0 + i for i in range(num_layers)]
+    rope = Rope.from_theta(10000.0, head_size, 1024)
     layers = []
     for layer in range(num_layers):
         q = torch.randn(q_heads, window, head_size, generator=gen) * sharp[layer]
         k = torch.randn(kv_heads, n, head_size, generator=gen)
         v = torch.randn(kv_heads, n, head_size, generator=gen)
-        layers.append(LayerObservation(q.to(dtype), k.to(dtype), v.to(dtype), head_size**-0.5))
+        layers.append(LayerObservation(q.to(dtype), k.to(dtype), v.to(dtype), head_size**-0.5,
+                                       rope=rope))
     return layers
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from vllm_entropy_kv.policies import Budget, LayerObservation, LayerPlan, get_policy
+from vllm_entropy_kv.policies import Budget, LayerObservation, LayerPlan, Rope, get_policy
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "planning_golden.pt"
 
@@ -36,6 +36,8 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("entropy", {}),
     ("entropy", {"group_reduce": "max", "reach": 1, "chunk_size": 1}),
     ("entropy-merge", {}),
+    ("expected-attention", {}),
+    ("expected-attention", {"use_covariance": False, "use_vnorm": False, "chunk_size": 32}),
     ("h2o", {}),
     ("none", {}),
     ("pyramid", {}),
@@ -55,6 +57,7 @@ def case_layers(index: int, case: dict[str, Any]) -> tuple[list[LayerObservation
     """Seeded observations of one case: per-layer query sharpness spreads the entropies."""
     gen = torch.Generator().manual_seed(1000 + index)
     d, dtype = SHAPE["head_size"], getattr(torch, case["dtype"])
+    rope = Rope.from_theta(10000.0, d, 1024)
     layers = []
     for layer in range(SHAPE["num_layers"]):
         sharp = 0.5 + 2.5 * layer / SHAPE["num_layers"]
@@ -62,7 +65,7 @@ def case_layers(index: int, case: dict[str, Any]) -> tuple[list[LayerObservation
         k = torch.randn(SHAPE["kv_heads"], case["n"], d, generator=gen)
         v = torch.randn(SHAPE["kv_heads"], case["n"], d, generator=gen)
         layers.append(LayerObservation(q.to(dtype), k.to(dtype), v.to(dtype), d**-0.5,
-                                       query_offset=case["offset"]))
+                                       query_offset=case["offset"], rope=rope))
     budget = Budget(keep=case["keep"], sink_tokens=4, recent_tokens=32, block_size=case["block"])
     return layers, budget
 

@@ -9,7 +9,7 @@ import pytest
 
 from vllm_entropy_kv.policies import KVPolicy, available_policies, get_policy, register_policy
 
-NAMES = ["entropy", "entropy-merge", "h2o", "none", "pyramid", "random", "snapkv", "src",
+NAMES = ["entropy", "entropy-merge", "expected-attention", "h2o", "none", "pyramid", "random", "snapkv", "src",
          "streaming", "topk"]
 
 

@@ -19,7 +19,7 @@ from planning_golden import VARIANTS, variant_key
 
 from vllm_entropy_kv.engine.connector import CompressionReports, RanksDisagreeError
 from vllm_entropy_kv.engine.worker import CompressionReport, plan_digest
-from vllm_entropy_kv.policies import Budget, LayerObservation, LayerPlan, get_policy
+from vllm_entropy_kv.policies import Budget, LayerObservation, LayerPlan, Rope, get_policy
 from vllm_entropy_kv.policies.shards import HeadShard
 
 
@@ -64,7 +64,7 @@ def _layers(num_layers: int, q_heads: int, kv_heads: int, n: int, window: int,
         LayerObservation(torch.randn(q_heads, window, d, generator=gen) * (0.5 + layer),
                          torch.randn(kv_heads, n, d, generator=gen),
                          torch.randn(kv_heads, n, d, generator=gen), d**-0.5,
-                         query_offset=offset)
+                         query_offset=offset, rope=Rope.from_theta(10000.0, d, 1024))
         for layer in range(num_layers)
     ]
 

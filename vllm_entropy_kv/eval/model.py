@@ -18,6 +18,7 @@ from transformers import (
 from vllm_entropy_kv import assets
 from vllm_entropy_kv.eval.attention import AttentionState, LayerRecord, register
 from vllm_entropy_kv.eval.cache import KVState
+from vllm_entropy_kv.policies import Rope
 
 # vLLM stores the cache in bfloat16: memory is reported at 2 bytes per element whatever the
 # harness computes in.
@@ -44,6 +45,17 @@ class Model:
     def head_dim(self) -> int:
         cfg = self.lm.config
         return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    @cached_property
+    def rope(self) -> Rope | None:
+        """The model's RoPE (HF's rotary embedding: its inverse frequencies and the scale it
+        puts on cos and sin) over offsets up to the model's context, or None without one."""
+        rotary = getattr(self.lm.model, "rotary_emb", None)
+        if rotary is None or not hasattr(rotary, "inv_freq"):
+            return None
+        return Rope.from_inverse_frequencies(rotary.inv_freq,
+                                             self.lm.config.max_position_embeddings,
+                                             getattr(rotary, "attention_scaling", 1.0))
 
     @cached_property
     def kv_bytes_per_token_layer(self) -> int:

@@ -82,7 +82,7 @@ def run_stream(
             tokens += m - 1
             points.append(cache_point(model, kv))
             if not variant.is_reference and points[-1][1] > budget_tokens:
-                layers = observations(step.records, None)
+                layers = observations(step.records, None, model.rope)
                 prior = [kv.layer_bias(i) for i in range(len(layers))]
                 plans = recompress(policy, layers, compress_to)
                 kv = apply_plans(layers, plans, kv.position, prior)

@@ -45,6 +45,49 @@ class Budget:
         return max(floor, min(num_tokens, wanted))
 
 
+@dataclass(frozen=True)
+class Rope:
+    """The model's rotary position embedding (RoPE) as rotations by relative offset, for
+    policies that move a query to other positions (`expected_attention.py`). The pairing is
+    the GPT-NeoX one that Llama-family models use: dim i turns with dim i + r/2, for the
+    first r dims of a head (partial rotary leaves the rest alone).
+
+    cos, sin: [M, r/2] cos(o * theta_i) and sin(o * theta_i) for offsets o = 0..M-1, times
+        any scale the model applies to both (YaRN's, for example).
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def from_inverse_frequencies(
+        cls, inv_freq: torch.Tensor, max_offset: int, scale: float = 1.0
+    ) -> Rope:
+        """From the model's inverse frequencies theta_i ([r/2]), for offsets below
+        `max_offset`."""
+        angles = torch.outer(torch.arange(max_offset, dtype=torch.float64),
+                             inv_freq.to(torch.float64))
+        return cls((angles.cos() * scale).float(), (angles.sin() * scale).float())
+
+    @classmethod
+    def from_theta(cls, theta: float, rotary_dim: int, max_offset: int) -> Rope:
+        """Plain RoPE with base `theta` over `rotary_dim` dims (no scaling)."""
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
+        return cls.from_inverse_frequencies(theta ** -exponents, max_offset)
+
+    @property
+    def max_offset(self) -> int:
+        return self.cos.shape[0]
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`x` [..., d] turned by the angles whose cosines and sines are `cos`, `sin`
+        ([..., r/2], broadcast against x's leading dims); the rotation is linear in them, so
+        averaged cosines and sines give the averaged rotation."""
+        half = cos.shape[-1]
+        x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
 @dataclass
 class LayerObservation:
     """What one attention layer saw during prefill.
@@ -61,6 +104,7 @@ class LayerObservation:
     shard: with tensor parallelism, this process's share of the heads (the tensors hold
         only those) and how to exchange statistics with the other shards (`shards.py`);
         None when the tensors hold every head.
+    rope: the model's RoPE, for policies that need it (None: not given).
     """
 
     queries: torch.Tensor
@@ -69,6 +113,7 @@ class LayerObservation:
     scale: float
     query_offset: int = 0
     shard: HeadShard | None = None
+    rope: Rope | None = None
 
     @property
     def num_tokens(self) -> int:
