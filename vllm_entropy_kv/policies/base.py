@@ -79,7 +79,8 @@ class Rope:
     def max_offset(self) -> int:
         return self.cos.shape[0]
 
-    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """`x` [..., d] turned by the angles whose cosines and sines are `cos`, `sin`
         ([..., r/2], broadcast against x's leading dims); the rotation is linear in them, so
         averaged cosines and sines give the averaged rotation."""

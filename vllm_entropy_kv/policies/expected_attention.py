@@ -14,7 +14,6 @@ from vllm_entropy_kv.policies.stats import (
     GroupReduce,
     HeadReduce,
     aggregate_heads,
-    check_observation,
     last_queries,
     reduce_groups,
 )
@@ -75,8 +74,7 @@ class ExpectedAttentionPolicy(ScorerPolicy):
         return LayerScores(chunk_scores(tokens, self.chunk_size))
 
     def layer_scores(self, obs: LayerObservation) -> torch.Tensor:
-        """[n]: one layer's expected attention per key."""
-        check_observation(obs)
+        """[n]: one layer's expected attention per key (`plan` has validated `obs`)."""
         if obs.rope is None:
             raise ValueError(f"{self.name} needs the model's RoPE (LayerObservation.rope)")
         queries = last_queries(obs, self.observation_queries).float()  # [Hq, M, d]
