@@ -91,7 +91,7 @@ DATA = Path(__file__).resolve().parent / "data"
 
 def test_vllm_bench_stage_runs_the_issues_workloads_against_the_same_pool() -> None:
     from vllm_entropy_kv.bench.__main__ import parse_args
-    from vllm_entropy_kv.bench.vllm_client import client_command, sides, workloads
+    from vllm_entropy_kv.bench.vllm_client import Comparison, client_command, sides, workloads
 
     random, pressure = workloads(parse_args(["--stages", "vllm-bench"]))
     assert [w.name for w in workloads(parse_args(["--vllm-bench-workloads", "pressure"]))] == [
@@ -114,6 +114,13 @@ def test_vllm_bench_stage_runs_the_issues_workloads_against_the_same_pool() -> N
     assert entropy[-2:] == ["--kv-budget", "0.25"] and "--kv-budget" not in stock
     assert stock[stock.index("--max-model-len") + 1] == "4096"
     assert stock.count("--max-model-len") == entropy.count("--max-model-len") == 1
+    # --vllm-bench-entropy-flags: more flags for the entropy server alone, named in its label.
+    comparison = Comparison(entropy_flags=("--kv-sink-tokens", "2000"))
+    stock_side, entropy_side = comparison.sides(0.25)
+    assert entropy_side.serve_flags(pressure.kv_tokens)[-4:] == [
+        "--kv-budget", "0.25", "--kv-sink-tokens", "2000"]
+    assert entropy_side.label == "entropy@0.25 --kv-sink-tokens 2000"
+    assert stock_side.serve_flags(pressure.kv_tokens) == stock
 
 
 def test_vllm_bench_table_reads_the_clients_saved_results() -> None:

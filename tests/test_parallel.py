@@ -14,23 +14,23 @@ from vllm_entropy_kv.engine.parallel import head_shard
 from vllm_entropy_kv.engine.worker import CompressionReport
 
 
-def report(freed: tuple[int, int], digest: str) -> CompressionReport:
-    return CompressionReport("entropy", 256, {0: 64}, {0: freed}, 0.1, plan_digest=digest)
+def report(kept_tokens: int, digest: str) -> CompressionReport:
+    return CompressionReport("entropy", 256, {0: kept_tokens}, {0: 0}, 0.1, plan_digest=digest)
 
 
 def test_ranks_that_agree_are_merged() -> None:
-    ranks = [CompressionReports({"a": report((2, 8), "d1"), "b": report((1, 8), "d2")})
+    ranks = [CompressionReports({"a": report(64, "d1"), "b": report(32, "d2")})
              for _ in range(3)]
     merged = ranks[0].aggregate(ranks[1]).aggregate(ranks[2])
     assert merged.reports.keys() == {"a", "b"}
 
 
 @pytest.mark.parametrize("other", [
-    CompressionReports({"a": report((3, 8), "d9")}),  # another plan
+    CompressionReports({"a": report(96, "d9")}),  # another plan
     CompressionReports({}),  # one rank did not compress it
 ], ids=["different-plan", "missing-report"])
 def test_ranks_that_disagree_stop_the_engine(other: CompressionReports) -> None:
-    mine = CompressionReports({"a": report((2, 8), "d1")})
+    mine = CompressionReports({"a": report(64, "d1")})
     with pytest.raises(RanksDisagreeError, match="'a'"):
         mine.aggregate(other)
     with pytest.raises(RanksDisagreeError):

@@ -84,6 +84,27 @@ def test_none_after_compressed_reads_full_kv(prefix_server: VllmServer) -> None:
     assert warm == text(url, PREFIX + QUESTIONS[1], cold_salt(), kv_policy="none")
 
 
+def test_a_protected_shared_context_stays_shared(prefix_server: VllmServer) -> None:
+    """With `kv_sink_tokens` covering the shared context, compaction leaves the context's
+    blocks where they are (every token kept: they stay shared and cached, not copied) and
+    compresses the rest; warm requests decode what cold ones decode."""
+    url = prefix_server.url
+    block = requests.get(f"{url}/v1/kv-policy", timeout=30).json()["settings"]["block_size"]
+    protected = 1024
+    before = {name: own_counter(url, name) for name in (
+        MetricName.REQUESTS, MetricName.BLOCKS_KEPT_IN_PLACE, MetricName.FREED_BLOCKS)}
+    warm = [text(url, PREFIX + q, "protected", kv_sink_tokens=protected) for q in QUESTIONS]
+    wait_for_own_counter(url, MetricName.REQUESTS, before[MetricName.REQUESTS] + 3)
+    own = {name: own_counter(url, name) - value for name, value in before.items()}
+    cold = [text(url, PREFIX + q, cold_salt(), kv_sink_tokens=protected) for q in QUESTIONS]
+    print(f"plugin counters {own}")
+    # 30 layers, every protected block of each of the three requests kept in place, and
+    # the rest of their prompts (~200 tokens each) still compressed.
+    assert own[MetricName.BLOCKS_KEPT_IN_PLACE] >= 3 * 30 * (protected // block)
+    assert own[MetricName.FREED_BLOCKS] > 0
+    assert warm == cold
+
+
 def test_four_turn_conversation_hits_every_turn(prefix_server: VllmServer) -> None:
     """Each turn's prompt is the last turn's prompt, its answer and a new question; it finds
     the last prompt's whole blocks in the cache (its answer was decoded over the compacted

@@ -54,6 +54,7 @@ def policy_document(config: KVPolicyConfig | None, block_size: int | None = None
             "freed_blocks": mine.get("freed_blocks", 0),
             "freed_bytes": mine.get("freed_bytes", 0),
             "cached_blocks_released": mine.get("cached_blocks_released", 0),
+            "blocks_kept_in_place": mine.get("blocks_kept_in_place", 0),
             "prefix_hit_tokens": mine.get("prefix_hit_tokens", 0),
         },
         "last_request": mine.get("last_request"),

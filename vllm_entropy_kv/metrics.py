@@ -57,6 +57,7 @@ class MetricName:
     FREED_BLOCKS = PREFIX + "freed_blocks_total"
     FREED_BYTES = PREFIX + "freed_bytes_total"
     CACHED_BLOCKS_RELEASED = PREFIX + "cached_blocks_released_total"
+    BLOCKS_KEPT_IN_PLACE = PREFIX + "blocks_kept_in_place_total"
     PREFIX_HIT_TOKENS = PREFIX + "prefix_hit_tokens_total"
     COMPRESSION_RATIO = PREFIX + "compression_ratio"
     LAYER_BUDGET = PREFIX + "layer_budget_ratio"
@@ -68,7 +69,8 @@ class MetricName:
 # Stats payload keys, one dict per policy: {policy: {key: value}}.
 COUNTER_KEYS: tuple[str, ...] = (
     "requests", "prompt_tokens", "tokens_kept", "tokens_evicted", "tokens_merged",
-    "freed_blocks", "freed_bytes", "cached_blocks_released", "prefix_hit_tokens",
+    "freed_blocks", "freed_bytes", "cached_blocks_released", "blocks_kept_in_place",
+    "prefix_hit_tokens",
 )
 COUNTER_METRICS: dict[str, str] = {
     "requests": MetricName.REQUESTS,
@@ -79,6 +81,7 @@ COUNTER_METRICS: dict[str, str] = {
     "freed_blocks": MetricName.FREED_BLOCKS,
     "freed_bytes": MetricName.FREED_BYTES,
     "cached_blocks_released": MetricName.CACHED_BLOCKS_RELEASED,
+    "blocks_kept_in_place": MetricName.BLOCKS_KEPT_IN_PLACE,
     "prefix_hit_tokens": MetricName.PREFIX_HIT_TOKENS,
 }
 RATIO = "compression_ratio"  # gauge: latest request
@@ -164,14 +167,17 @@ class EntropyKVStats(KVConnectorStats):
             entropies.setdefault(str(layer), []).append(float(value))
 
     def record_freed(self, policy: str, blocks: int, num_bytes: int,
-                     cached_blocks_released: int = 0, prefix_hit_tokens: int = 0) -> None:
+                     cached_blocks_released: int = 0, blocks_kept_in_place: int = 0,
+                     prefix_hit_tokens: int = 0) -> None:
         """What the scheduler did for one compacted request: blocks it returned to the pool
         net of the kept blocks it gave (vLLM counts cached blocks as free), their KV bytes,
-        how many of the released prompt blocks stay in the prefix cache for reuse, and how
-        many prompt tokens the request had found in the prefix cache."""
+        how many of the released prompt blocks stay in the prefix cache for reuse, how many
+        leading prompt blocks it kept in place (every token kept, not copied), and how many
+        prompt tokens the request had found in the prefix cache."""
         entry = self._policy(policy)
         for key, value in (("freed_blocks", blocks), ("freed_bytes", num_bytes),
                            ("cached_blocks_released", cached_blocks_released),
+                           ("blocks_kept_in_place", blocks_kept_in_place),
                            ("prefix_hit_tokens", prefix_hit_tokens)):
             entry[key] = entry.get(key, 0) + value
 
@@ -321,6 +327,9 @@ class EntropyKVPromMetrics(KVConnectorPromMetrics):
                 ("cached_blocks_released", "Prompt blocks a compressed request released "
                                            "that stay in vLLM's prefix cache (free, "
                                            "evictable, reused by a later hit)."),
+                ("blocks_kept_in_place", "Leading prompt blocks a compressed request kept "
+                                         "whole: left in place (shared and cached as "
+                                         "before), not copied."),
                 ("prefix_hit_tokens", "Prompt tokens of compressed requests found in "
                                       "vLLM's prefix cache."),
             )

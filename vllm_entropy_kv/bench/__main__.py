@@ -22,6 +22,7 @@ logprobs: those are computed during the prefill, before compression, and would s
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -230,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.capacity[cell.label] = concurrent_batch(url, prompts, cell, 32)
             progress.step(f"capacity {cell.label}")
 
-    comparison = vllm_client.Comparison()
+    entropy_flags = tuple(shlex.split(args.vllm_bench_entropy_flags))
+    comparison = vllm_client.Comparison(entropy_flags=entropy_flags)
     workloads = vllm_client.workloads(args)
 
     def vllm_bench_stage(_url: str) -> None:
@@ -238,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             args.vllm_bench_warmups, args.vllm_bench_rounds, LOGS,
                             progress.step)
 
-    prefix_comparison = vllm_client.Comparison()
+    prefix_comparison = vllm_client.Comparison(entropy_flags=entropy_flags)
     prefix_workloads = [vllm_client.prefix_workload(args)]
 
     def prefix_cache_stage(_url: str) -> None:

@@ -102,6 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vllm-bench-warmups", type=int, default=1,
                        help="`vllm bench serve --num-warmups`: one-time costs (first "
                        "kernels, imports) stay out of the measured run")
+    group.add_argument("--vllm-bench-entropy-flags", default="",
+                       help="more flags of the entropy server, e.g. \"--kv-sink-tokens "
+                       "2000\" (a shared prefix kept whole: its blocks stay shared)")
     group.add_argument("--vllm-bench-rounds", type=int, default=3,
                        help="rounds of both servers, alternating, each on fresh servers: "
                        "cells are medians, ratios get a 95%% interval over the rounds")
@@ -156,9 +159,12 @@ class Side:
                 *self.extra_args]
 
 
-def sides(budget: float) -> tuple[Side, Side]:
-    return Side("stock", "none"), Side(f"entropy@{budget:g}", "entropy",
-                                       ("--kv-budget", f"{budget:g}"))
+def sides(budget: float, entropy_flags: Sequence[str] = ()) -> tuple[Side, Side]:
+    """Stock vLLM and entropy at `budget`, with `entropy_flags` (more `--kv-*` flags) added
+    to the entropy server and its label."""
+    label = " ".join([f"entropy@{budget:g}", *entropy_flags])
+    return Side("stock", "none"), Side(label, "entropy",
+                                       ("--kv-budget", f"{budget:g}", *entropy_flags))
 
 
 @dataclass(frozen=True)
@@ -202,13 +208,18 @@ class Comparison:
 
     runs: dict[tuple[str, str], list[ClientRun]] = field(default_factory=dict)
     checks: list[str] = field(default_factory=list)
+    entropy_flags: tuple[str, ...] = ()  # the entropy server's flags beyond its budget
+
+    def sides(self, budget: float) -> tuple[Side, Side]:
+        return sides(budget, self.entropy_flags)
 
     def add(self, side: str, workload: str, run: ClientRun) -> None:
         self.runs.setdefault((side, workload), []).append(run)
 
     def rounds(self, workload: str, budget: float) -> list[tuple[ClientRun, ClientRun]]:
         """(stock, entropy) runs of each round that measured both."""
-        stock, entropy = (self.runs.get((side.label, workload), []) for side in sides(budget))
+        stock, entropy = (self.runs.get((side.label, workload), [])
+                          for side in self.sides(budget))
         return list(zip(stock, entropy))
 
 
@@ -283,7 +294,8 @@ def measure(comparison: Comparison, workloads: Sequence[Workload], budget: float
     run the client against it and record the run. Rounds alternate the two servers, so a
     machine that slows down or speeds up weighs on both alike."""
     for round_index, workload, side in (
-            (r, w, s) for r in range(rounds) for w in workloads for s in sides(budget)):
+            (r, w, s) for r in range(rounds) for w in workloads
+            for s in comparison.sides(budget)):
         name = f"vllm-bench-{side.policy}-{workload.name}-{round_index + 1}"
         server = VllmServer(logs / f"server-{name}.log", port=free_port(),
                             policy=side.policy,
@@ -325,7 +337,7 @@ def comparison_table(comparison: Comparison, workloads: Sequence[Workload],
     rows = []
     for workload in workloads:
         base = comparison.runs.get(("stock", workload.name))
-        for side in sides(budget):
+        for side in comparison.sides(budget):
             runs = comparison.runs.get((side.label, workload.name))
             if not runs:
                 continue
@@ -393,7 +405,8 @@ def render(comparison: Comparison, workloads: Sequence[Workload], budget: float,
         "`--kv-policy none` (vLLM's defaults: chunked prefill, async scheduling as its CPU "
         "platform sets it (off), "
         "`max_num_batched_tokens`, block size) and "
-        f"**entropy@{budget:g}** `--kv-policy entropy --kv-budget {budget:g}` (32-token blocks, "
+        f"**{comparison.sides(budget)[1].label}** `--kv-policy entropy "
+        f"{' '.join(comparison.sides(budget)[1].extra_args)}` (32-token blocks, "
         "one KV cache group per layer; prefix caching on since 2026-12-05). Each cell is the "
         "median over the rounds and, in brackets, its ratio to stock's median on the same "
         "workload; the second table has the ratio of each round and their geometric mean "
@@ -425,7 +438,7 @@ def plot_over_time(comparison: Comparison, workload: Workload, budget: float,
     import matplotlib.pyplot as plt
 
     fig, (usage_ax, hits_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for side in sides(budget):
+    for side in comparison.sides(budget):
         runs = comparison.runs.get((side.label, workload.name))
         if not runs:
             continue
@@ -443,7 +456,8 @@ def plot_over_time(comparison: Comparison, workload: Workload, budget: float,
     hits_ax.set_ylabel("prefix hit rate so far")
     hits_ax.set_xlabel("seconds since the client started")
     usage_ax.legend()
-    usage_ax.set_title(f"{workload.name}: stock vLLM and entropy@{budget:g}, same KV memory")
+    usage_ax.set_title(f"{workload.name}: stock vLLM and {comparison.sides(budget)[1].label}, "
+                       "same KV memory")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

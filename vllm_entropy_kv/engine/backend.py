@@ -92,8 +92,9 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
                           biased_rows: dict[int, BiasedRow],
                           compacted_rows: dict[int, CompactedLayer]) -> None:
         """Hand the worker's ownership check the physical blocks each row reads (the
-        kernel's view; a biased row's own) and their logical block positions, -1 for kept
-        blocks, which belong to their request alone."""
+        kernel's view; a biased row's own) and their logical block positions, -1 for fresh
+        kept blocks, which belong to their request alone (blocks kept in place keep their
+        position: other requests may share them through the prefix cache)."""
         for row, req_id in enumerate(req_ids):
             if (biased := biased_rows.get(row)) is not None:
                 block_row, num_tokens = biased.block_row, biased.num_tokens
@@ -103,8 +104,9 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
             positions = torch.arange(used)
             if (compacted := compacted_rows.get(row)) is not None:
                 kept = compacted.kept_block_ids.numel()
-                positions = torch.where(positions < kept, -1,
-                                        positions - kept + compacted.num_blocks)
+                positions = torch.where(
+                    positions < compacted.in_place, positions,
+                    torch.where(positions < kept, -1, positions - kept + compacted.num_blocks))
             worker.note_blocks_read(req_id, self.layer_idx, block_row[:used].clone(), positions)
 
     def _physical_view_with_biased_rows(

@@ -7,7 +7,8 @@ A compressed request's prompt blocks are never overwritten: they may be shared w
 requests through the prefix cache and are hashed under the tokens they hold. Compaction
 instead moves the kept tokens into fresh blocks (`swap_in_kept_blocks`) and releases the
 originals, which stay in the prefix cache until vLLM evicts them (docs/ENGINE.md,
-"Prefix caching").
+"Prefix caching"). Leading blocks whose every token is kept would be copied unchanged: they
+stay where they are, still shared and hashed.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ _NEVER_HASH = 1 << 62
 class Swap:
     """What `swap_in_kept_blocks` did to one request."""
 
-    kept_block_ids: dict[int, list[int]]  # per KV cache group: the fresh blocks, in order
+    kept_block_ids: dict[int, list[int]]  # per KV cache group: the kept blocks, in order
     freed_blocks: int  # the pool's free count after minus before, >= 0 (cached count as free)
     cached_blocks_released: int  # released originals still in the prefix cache
+    blocks_kept_in_place: int  # leading prompt blocks kept whole, not copied
 
 
 def has_blocks(manager: Any, req_id: str) -> bool:
@@ -44,9 +46,12 @@ def holds(manager: Any, req_id: str, block_ids: list[int]) -> bool:
 
 def swap_in_kept_blocks(
     managers: list[Any], pool: Any, req_id: str, num_blocks: int, kept: dict[int, int],
+    in_place: dict[int, int],
 ) -> Swap | None:
     """In each group `g` of `kept`, replace the request's first `num_blocks` blocks (its
-    compressed prompt) by `kept[g]` fresh blocks and null entries, and release the originals.
+    compressed prompt) by `kept[g]` blocks and null entries: the first `in_place[g]` of them
+    are the request's own leading blocks, whose every token is kept at its position (left
+    as they are: shared, hashed), the rest fresh. The other originals are released.
 
     The list keeps its logical length, so the partial prompt block and decode blocks stay at
     their logical positions. Returns None, changing nothing, when the request is gone or the
@@ -56,14 +61,13 @@ def swap_in_kept_blocks(
     rows = {g: managers[g].req_to_blocks.get(req_id) for g in kept}
     if any(row is None or len(row) < num_blocks for row in rows.values()):
         return None
-    releasable = sum(
-        1 for row in rows.values() for block in row[:num_blocks]
-        if not block.is_null and block.ref_cnt == 1
-    )
-    if pool.get_num_free_blocks() + releasable < sum(kept.values()):
+    released = {g: row[in_place[g]:num_blocks] for g, row in rows.items()}
+    releasable = sum(1 for blocks in released.values() for block in blocks
+                     if not block.is_null and block.ref_cnt == 1)
+    if pool.get_num_free_blocks() + releasable < sum(kept[g] - in_place[g] for g in kept):
         return None
     free_before = pool.get_num_free_blocks()
-    originals = [block for row in rows.values() for block in row[:num_blocks]
+    originals = [block for blocks in released.values() for block in blocks
                  if not block.is_null]
     # Released first, so that a pool-neutral swap never needs spare blocks; the worker writes
     # the fresh ones only two steps on (docs/ENGINE.md), after every step that read these.
@@ -71,17 +75,18 @@ def swap_in_kept_blocks(
     cached_released = sum(1 for b in originals if b.ref_cnt == 0 and b.block_hash is not None)
     kept_ids: dict[int, list[int]] = {}
     for g, row in rows.items():
-        fresh = pool.get_new_blocks(kept[g])
-        row[:num_blocks] = fresh + [pool.null_block] * (num_blocks - kept[g])
-        kept_ids[g] = [b.block_id for b in fresh]
+        fresh = pool.get_new_blocks(kept[g] - in_place[g])
+        row[in_place[g]:num_blocks] = fresh + [pool.null_block] * (num_blocks - kept[g])
+        kept_ids[g] = [b.block_id for b in row[:kept[g]]]
         # The blocks from here on get KV computed over the compacted prompt, which their
         # token hashes do not describe: nothing more of this request enters the prefix cache.
+        # (Blocks kept in place hold what their hashes say: nothing before them was dropped.)
         managers[g].num_cached_block[req_id] = _NEVER_HASH
     # Prompt blocks shared with other requests (prefix hits) stay in use when released, so
     # a swap can take more fresh blocks than it frees; it then frees none (the count feeds
     # a Prometheus counter, which cannot fall).
     freed = max(0, pool.get_num_free_blocks() - free_before)
-    return Swap(kept_ids, freed, cached_released)
+    return Swap(kept_ids, freed, cached_released, sum(in_place.values()))
 
 
 def limit_prefix_hits(kv_cache_manager: Any,

@@ -6,8 +6,8 @@ the requests whose prefill ended in an earlier step and that this step still sch
 (planning after the forward of the last chunk would delay the first token by the whole
 compaction); `build_connector_worker_meta` ships the reports. Scheduler side:
 `update_connector_output` gives each reported request fresh blocks for its kept tokens in
-place of its prompt blocks, which it releases (`engine/block_table.py`); the next
-`build_connector_meta` sends the fresh block ids, and the worker writes the kept tokens into
+place of its prompt blocks, which it releases, but for leading blocks that keep every token
+(`engine/block_table.py`); the next `build_connector_meta` sends the kept block ids, and the worker writes the kept tokens into
 them in `handle_preemptions`. The same metadata tells the worker which requests start a
 prefill (a prefix-cache hit starts one past position 0) and which requests the step runs.
 """
@@ -252,8 +252,10 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
         for req_id, report in meta.reports.items():
             kept = {self.group_of_layer[layer]: m // self.block_size
                     for layer, m in report.kept_tokens.items()}
+            in_place = {self.group_of_layer[layer]: b
+                        for layer, b in report.blocks_in_place.items()}
             swap = swap_in_kept_blocks(managers, pool, req_id,
-                                       report.num_tokens // self.block_size, kept)
+                                       report.num_tokens // self.block_size, kept, in_place)
             if swap is None:
                 if has_blocks(managers[next(iter(kept))], req_id):
                     logger.warning("vllm-entropy-kv: %s: no free blocks for its %d kept "
@@ -265,6 +267,7 @@ class EntropyKVConnector(KVConnectorBase_V1, SupportsHMA):
             self._scheduler_stats.record_freed(
                 report.policy, swap.freed_blocks, swap.freed_blocks * self.block_bytes,
                 cached_blocks_released=swap.cached_blocks_released,
+                blocks_kept_in_place=swap.blocks_kept_in_place,
                 prefix_hit_tokens=self._prefix_hit_tokens.pop(req_id, 0),
             )
 

@@ -11,13 +11,15 @@ Timeline of one request, all in the worker process:
 3. At the start of the request's next step (t+1, `handle_preemptions` of the connector),
    `compact` reads each layer's prompt keys and values back from the paged cache
    (`cache_layout`), runs the policy over all layers and keeps each layer's kept tokens
-   (and summaries) aside; its report says how many blocks each layer keeps. The prompt's
-   blocks are not touched: other requests may share them through the prefix cache.
+   (and summaries) aside; its report says how many blocks each layer keeps, and how many of
+   them lead the prompt unchanged (every token kept). The prompt's blocks are not touched:
+   other requests may share them through the prefix cache.
 4. The scheduler hears of the report with step t+1's output, gives the request fresh
    blocks for the kept tokens in place of its prompt blocks and releases those
-   (`engine/block_table.py`); at the start of the next step it schedules, the connector
-   hands the worker the fresh block ids (`write_kept`), which writes the kept tokens into
-   them before the step's forward.
+   (`engine/block_table.py`), but for the unchanged leading blocks, which stay; at the start
+   of the next step it schedules, the connector hands the worker the kept block ids
+   (`write_kept`), which writes the kept tokens into the fresh ones before the step's
+   forward.
 5. Later steps: the metadata builder gives the kernel a virtual block-table row of the kept
    blocks followed by the tail, and a physical sequence length; positions and slot mapping
    stay logical. docs/ENGINE.md says why no step reads a block another request was given.
@@ -139,29 +141,34 @@ class KeptLayer:
     """One layer's kept tokens and summaries, planned at step t and written at step t+2 into
     the blocks the scheduler gives (`CompressionWorker.write_kept`)."""
 
-    keys: torch.Tensor  # [Hkv, m, d]
+    keys: torch.Tensor  # [Hkv, m, d], the kept tokens after the blocks kept in place
     values: torch.Tensor
     captured: CapturedLayer  # where the layer's cache is, and its cache op's settings
     num_blocks: int  # the compressed prompt's blocks, which the kept blocks replace
+    in_place: int  # leading prompt blocks kept whole, which stay where they are
 
 
 @dataclass
 class CompactedLayer:
     """A layer of a compacted request: its kept blocks replace the first `num_blocks`
-    logical blocks (the compressed prompt) in every kernel view of its row."""
+    logical blocks (the compressed prompt) in every kernel view of its row; the first
+    `in_place` of them are the row's own (unchanged, maybe shared through the prefix cache)."""
 
     kept_block_ids: torch.Tensor  # int32
     num_blocks: int
+    in_place: int
 
 
 @dataclass
 class CompressionReport:
     """What the worker planned for one request: how many tokens (whole blocks) each layer
-    keeps of the `num_tokens` compressed prompt tokens."""
+    keeps of the `num_tokens` compressed prompt tokens, and how many of its leading blocks
+    keep every token (they are not copied)."""
 
     policy: str
     num_tokens: int
     kept_tokens: dict[int, int]
+    blocks_in_place: dict[int, int]
     seconds: float
     # Stats only (metrics): tokens in the cache when compressed (the prompt; the tail beyond
     # `num_tokens` stays in place), and each layer's entropy if the policy computed it.
@@ -368,6 +375,7 @@ class CompressionWorker:
             observations = [replace(o, shard=shard) for o in observations]
         plans = policy.plan(observations, config.budget_for(block))
         kept: dict[int, int] = {}
+        in_place: dict[int, int] = {}
         kept_layers: dict[int, KeptLayer] = {}
         log_bias: dict[int, torch.Tensor] = {}
         for layer_idx, cap, observation, plan in zip(layer_ids, captured, observations, plans):
@@ -376,10 +384,13 @@ class CompressionWorker:
             if m % block or m > n:
                 raise ValueError(f"layer {layer_idx}: plan keeps {m} tokens, not a whole "
                                  f"number of {block}-token blocks within {n}")
-            # Kept tokens in prompt order, then the summaries: the layer's new first m slots.
-            # A plan that keeps every token goes the same way (a copy of all of them).
+            # Kept tokens in prompt order, then the summaries: the layer's new first m slots,
+            # of which the leading blocks that keep every token are already in place.
+            in_place[layer_idx] = blocks_in_place(plan, block)
             keys, values, bias = compressed_kv(observation, plan)
-            kept_layers[layer_idx] = KeptLayer(keys, values, cap, n // block)
+            start = in_place[layer_idx] * block
+            kept_layers[layer_idx] = KeptLayer(keys[:, start:], values[:, start:], cap,
+                                               n // block, in_place[layer_idx])
             if config.merge_bias and bool(bias.any()):
                 log_bias[layer_idx] = bias
         if log_bias:
@@ -394,16 +405,17 @@ class CompressionWorker:
             for layer_idx, plan in zip(layer_ids, plans)
             if plan.num_summaries and plan.num_physical < n
         }
-        report = CompressionReport(config.policy, n, kept, seconds=0.0,
+        report = CompressionReport(config.policy, n, kept, in_place, seconds=0.0,
                                    prompt_tokens=request.prompt_tokens,
                                    layer_entropy=entropies, summaries=summaries,
                                    plan_digest=plan_digest(plans))
         return report, kept_layers
 
     def write_kept(self, req_id: str, block_ids: dict[int, list[int]]) -> None:
-        """Write each layer's planned tokens into the blocks the scheduler gave the request
-        in place of its prompt blocks (start of step t+2: every step that read those blocks
-        for any request has finished, and this step's forward has not begun)."""
+        """Write each layer's planned tokens into the fresh blocks the scheduler gave the
+        request in place of its prompt blocks (start of step t+2: every step that read those
+        blocks for any request has finished, and this step's forward has not begun); the
+        blocks kept in place already hold theirs."""
         kept = self.kept.pop(req_id)
         block = self.block_size
         compacted: dict[int, CompactedLayer] = {}
@@ -411,14 +423,17 @@ class CompressionWorker:
             layer = kept[layer_idx]
             cap = layer.captured
             ids_tensor = torch.tensor(ids, dtype=torch.int64)
-            positions = torch.arange(layer.keys.shape[1])
-            slots = ids_tensor[positions // block] * block + positions % block
-            write_tokens(
-                cap.kv_cache, layer.keys.transpose(0, 1), layer.values.transpose(0, 1), slots,
-                cap.layer.isa, k_scale=cap.layer._k_scale_float,
-                v_scale=cap.layer._v_scale_float, kv_cache_dtype=cap.kv_cache_dtype,
-            )
-            compacted[layer_idx] = CompactedLayer(ids_tensor.to(torch.int32), layer.num_blocks)
+            if layer.keys.shape[1]:
+                positions = torch.arange(layer.keys.shape[1])
+                fresh = ids_tensor[layer.in_place:]
+                slots = fresh[positions // block] * block + positions % block
+                write_tokens(
+                    cap.kv_cache, layer.keys.transpose(0, 1), layer.values.transpose(0, 1),
+                    slots, cap.layer.isa, k_scale=cap.layer._k_scale_float,
+                    v_scale=cap.layer._v_scale_float, kv_cache_dtype=cap.kv_cache_dtype,
+                )
+            compacted[layer_idx] = CompactedLayer(ids_tensor.to(torch.int32), layer.num_blocks,
+                                                  layer.in_place)
         self.compacted[req_id] = compacted
 
     def drop_plan(self, req_id: str) -> None:
@@ -476,6 +491,14 @@ def window_start(prompt_tokens: int, config: KVPolicyConfig) -> int:
     """The first prompt position whose query observes (the window is the prompt's last
     `config.window` positions)."""
     return max(0, prompt_tokens - config.window)
+
+
+def blocks_in_place(plan: LayerPlan, block_size: int) -> int:
+    """Leading whole blocks whose every token the plan keeps: compaction would write each of
+    their tokens back to its own slot (kept tokens come first, in prompt order)."""
+    keep = plan.keep
+    leading = int((keep == torch.arange(keep.numel(), device=keep.device)).sum())
+    return leading // block_size
 
 
 def plan_digest(plans: list[LayerPlan]) -> str:
