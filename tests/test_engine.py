@@ -62,13 +62,14 @@ def test_policy_none_is_token_identical_to_stock_vllm(server, stock_server) -> N
 def test_keep_all_budget_goes_through_compaction_and_is_token_identical_to_none(
     server, entropy_server
 ) -> None:
-    """Budget 1.0: the policy captures and plans, and the worker gathers every layer's kept
-    tokens (all of them) and rewrites them through the cache op, freeing an empty range.
+    """Budget 1.0: the policy captures and plans, the scheduler swaps, and every block,
+    every token of it kept, stays where it is (no copy); decode reads the compacted view.
     The compressions are counted by the plugin; nothing is evicted or freed; the text is
-    stock vLLM's."""
+    stock vLLM's. (The write into fresh blocks: tests/test_compaction.py.)"""
     url = entropy_server.url
     names = (MetricName.REQUESTS, MetricName.PROMPT_TOKENS, MetricName.TOKENS_KEPT,
-             MetricName.TOKENS_EVICTED, MetricName.FREED_BLOCKS)
+             MetricName.TOKENS_EVICTED, MetricName.FREED_BLOCKS,
+             MetricName.BLOCKS_KEPT_IN_PLACE)
     before = {name: own_counter(url, name) for name in names}
     replies = [complete(url, p, max_tokens=48, ignore_eos=True, vllm_xargs={"kv_budget": 1.0},
                         cache_salt=cold_salt()) for p in PROMPTS]
@@ -83,6 +84,7 @@ def test_keep_all_budget_goes_through_compaction_and_is_token_identical_to_none(
     assert delta[MetricName.TOKENS_KEPT] == pytest.approx(sum(expected))
     assert delta[MetricName.TOKENS_EVICTED] == 0
     assert delta[MetricName.FREED_BLOCKS] == 0
+    assert delta[MetricName.BLOCKS_KEPT_IN_PLACE] == LAYERS * sum(t // BLOCK for t in expected)
     assert [r["choices"][0]["text"] for r in replies] == greedy_texts(server.url)
 
 
