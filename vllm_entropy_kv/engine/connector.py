@@ -67,7 +67,8 @@ class EntropyKVConnectorMetadata(KVConnectorMetadata):
 
     # Requests whose prefill starts in this step (new or resumed): their prompt lengths.
     started: dict[str, int] = field(default_factory=dict)
-    # Per compacted request and layer, the fresh blocks its kept tokens go to.
+    # Per compacted request and layer, its kept blocks: those kept in place, then the fresh
+    # ones its other kept tokens go to.
     kept_blocks: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     # Planned requests left uncompressed (gone, or no room for their kept blocks).
     dropped: set[str] = field(default_factory=set)
