@@ -384,6 +384,7 @@ def render(comparison: Comparison, workloads: Sequence[Workload], budget: float,
     from vllm_entropy_kv.engine.setup import COMPRESSION_BLOCK_SIZE
 
     stock_layout = report.attention_layout(dtype, STOCK_BLOCK_SIZE)
+    entropy_side = comparison.sides(budget)[1]
     rounds = max((len(runs) for runs in comparison.runs.values()), default=0)
     workload_lines = [
         f"- **{w.name}**: `vllm bench serve --backend openai {' '.join(w.client_args())} "
@@ -405,8 +406,8 @@ def render(comparison: Comparison, workloads: Sequence[Workload], budget: float,
         "`--kv-policy none` (vLLM's defaults: chunked prefill, async scheduling as its CPU "
         "platform sets it (off), "
         "`max_num_batched_tokens`, block size) and "
-        f"**{comparison.sides(budget)[1].label}** `--kv-policy entropy "
-        f"{' '.join(comparison.sides(budget)[1].extra_args)}` (32-token blocks, "
+        f"**{entropy_side.label}** `--kv-policy entropy {' '.join(entropy_side.extra_args)}` "
+        "(32-token blocks, "
         "one KV cache group per layer; prefix caching on since 2026-12-05). Each cell is the "
         "median over the rounds and, in brackets, its ratio to stock's median on the same "
         "workload; the second table has the ratio of each round and their geometric mean "

@@ -8,8 +8,9 @@ compaction); `build_connector_worker_meta` ships the reports. Scheduler side:
 `update_connector_output` gives each reported request fresh blocks for its kept tokens in
 place of its prompt blocks, which it releases, but for leading blocks that keep every token
 (`engine/block_table.py`); the next `build_connector_meta` sends the kept block ids, and the
-worker writes the kept tokens into the fresh ones in `handle_preemptions`. The same metadata tells the worker which requests start a
-prefill (a prefix-cache hit starts one past position 0) and which requests the step runs.
+worker writes the kept tokens into the fresh ones in `handle_preemptions`. The same metadata
+tells the worker which requests start a prefill (a prefix-cache hit starts one past position
+0) and which requests the step runs.
 """
 
 from __future__ import annotations

@@ -385,14 +385,16 @@ class CompressionWorker:
                 raise ValueError(f"layer {layer_idx}: plan keeps {m} tokens, not a whole "
                                  f"number of {block}-token blocks within {n}")
             # Kept tokens in prompt order, then the summaries: the layer's new first m slots,
-            # of which the leading blocks that keep every token are already in place.
+            # of which the leading blocks that keep every token are already in place, so only
+            # the tokens after them are gathered (the bias of those in place is 0).
             in_place[layer_idx] = blocks_in_place(plan, block)
-            keys, values, bias = compressed_kv(observation, plan)
             start = in_place[layer_idx] * block
-            kept_layers[layer_idx] = KeptLayer(keys[:, start:], values[:, start:], cap,
-                                               n // block, in_place[layer_idx])
+            keys, values, bias = compressed_kv(observation,
+                                               replace(plan, keep=plan.keep[start:]))
+            kept_layers[layer_idx] = KeptLayer(keys, values, cap, n // block,
+                                               in_place[layer_idx])
             if config.merge_bias and bool(bias.any()):
-                log_bias[layer_idx] = bias
+                log_bias[layer_idx] = torch.cat([bias.new_zeros(start), bias])
         if log_bias:
             self.log_bias[req_id] = log_bias
         entropies = {
