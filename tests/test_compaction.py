@@ -25,7 +25,11 @@ from vllm_entropy_kv.engine.cache_layout import (  # noqa: E402
     write_tokens,
 )
 from vllm_entropy_kv.engine.summaries import biased_decode_attention  # noqa: E402
-from vllm_entropy_kv.engine.worker import CaptureRequest, CompressionWorker  # noqa: E402
+from vllm_entropy_kv.engine.worker import (  # noqa: E402
+    CaptureRequest,
+    CompressionWorker,
+    blocks_in_place,
+)
 from vllm_entropy_kv.policies import Budget, LayerObservation  # noqa: E402
 from vllm_entropy_kv.policies.stats import attention_output, compressed_kv  # noqa: E402
 
@@ -143,9 +147,12 @@ def test_compacted_cache_reads_as_kept_tokens_plus_tail(policy: str, layout: Lay
     report = worker.take_reports()["req-0"]
     kept = report.kept_tokens[0]
     assert kept % block == 0 and kept < prompt and report.num_tokens == prompt
-    # The scheduler's part: fresh blocks for the kept tokens (engine/block_table.py).
-    fresh = [1, 4, 6, 8, 10, 13, 15][: kept // block]
-    worker.write_kept("req-0", {0: fresh})
+    # The scheduler's part (engine/block_table.py): the prompt blocks whose every token is
+    # kept stay, fresh blocks for the other kept tokens follow them.
+    in_place = report.blocks_in_place[0]
+    kept_ids = block_row[in_place].tolist() + [1, 4, 6, 8][: kept // block - len(in_place)]
+    assert in_place  # every policy here keeps the recent tokens, which fill the last block
+    worker.write_kept("req-0", {0: kept_ids})
     # The prompt's own blocks still hold what their prefix-cache hashes name.
     cache_view = cache_layout(layout.isa, kv_cache, "auto")
     prompt_keys = cache_view.gather(kv_cache, block_row, n)[0]
@@ -159,11 +166,17 @@ def test_compacted_cache_reads_as_kept_tokens_plus_tail(policy: str, layout: Lay
     )
     plan = config.make_policy().plan([observation], Budget(0.25, block_size=block))[0]
     assert plan.num_physical == kept
-    slot_keys, slot_values, slot_bias = compressed_kv(observation, plan)
+    assert in_place == blocks_in_place(plan, block, prompt // block).tolist()
+    # The kept tokens in the order of their slots: those in place, then the others.
+    whole = torch.isin(plan.keep // block, torch.tensor(in_place, dtype=torch.int64))
+    slot_order = torch.cat([plan.keep[whole], plan.keep[~whole]])
+    slot_keys, slot_values, slot_bias = compressed_kv(observation,
+                                                     dataclasses.replace(plan, keep=slot_order))
     visible_keys = torch.cat([slot_keys, keys[prompt:].transpose(0, 1)], dim=1)
     visible_values = torch.cat([slot_values, values[prompt:].transpose(0, 1)], dim=1)
 
-    virtual_row = torch.cat([torch.tensor(fresh, dtype=torch.int32), block_row[prompt // block:]])
+    virtual_row = torch.cat([torch.tensor(kept_ids, dtype=torch.int32),
+                             block_row[prompt // block:]])
     query = layout.randn(1, HQ)
     # The stock kernel reads the kept tokens, the summaries (unbiased) and the tail.
     got = kernel_attention(kv_cache, layout, query, virtual_row, kept + tail)

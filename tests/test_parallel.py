@@ -15,7 +15,7 @@ from vllm_entropy_kv.engine.worker import CompressionReport
 
 
 def report(kept_tokens: int, digest: str) -> CompressionReport:
-    return CompressionReport("entropy", 256, {0: kept_tokens}, {0: 0}, 0.1, plan_digest=digest)
+    return CompressionReport("entropy", 256, {0: kept_tokens}, {0: []}, 0.1, plan_digest=digest)
 
 
 def test_ranks_that_agree_are_merged() -> None:

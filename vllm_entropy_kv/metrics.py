@@ -172,7 +172,7 @@ class EntropyKVStats(KVConnectorStats):
         """What the scheduler did for one compacted request: blocks it returned to the pool
         net of the kept blocks it gave (vLLM counts cached blocks as free), their KV bytes,
         how many of the released prompt blocks stay in the prefix cache for reuse, how many
-        leading prompt blocks it kept in place (every token kept, not copied), and how many
+        prompt blocks it kept in place (every token kept, not copied), and how many
         prompt tokens the request had found in the prefix cache."""
         entry = self._policy(policy)
         for key, value in (("freed_blocks", blocks), ("freed_bytes", num_bytes),
@@ -327,9 +327,9 @@ class EntropyKVPromMetrics(KVConnectorPromMetrics):
                 ("cached_blocks_released", "Prompt blocks a compressed request released "
                                            "that stay in vLLM's prefix cache (free, "
                                            "evictable, reused by a later hit)."),
-                ("blocks_kept_in_place", "Leading prompt blocks a compressed request kept "
-                                         "whole: left in place (shared and cached as "
-                                         "before), not copied."),
+                ("blocks_kept_in_place", "Prompt blocks a compressed request kept whole: "
+                                         "left in place (shared and cached as before), "
+                                         "not copied."),
                 ("prefix_hit_tokens", "Prompt tokens of compressed requests found in "
                                       "vLLM's prefix cache."),
             )

@@ -141,7 +141,7 @@ def test_a_shard_that_plans_differently_stops_the_engine() -> None:
     reports = [
         CompressionReports({"req": CompressionReport(
             "entropy", 400, {i: p.num_physical for i, p in enumerate(rank_plans)},
-            {i: 0 for i in range(len(rank_plans))}, 0.0,
+            {i: [] for i in range(len(rank_plans))}, 0.0,
             plan_digest=plan_digest(rank_plans))})
         for rank_plans in plans
     ]

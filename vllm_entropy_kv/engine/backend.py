@@ -94,19 +94,16 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
         """Hand the worker's ownership check the physical blocks each row reads (the
         kernel's view; a biased row's own) and their logical block positions, -1 for fresh
         kept blocks, which belong to their request alone (blocks kept in place keep their
-        position: other requests may share them through the prefix cache)."""
+        own: other requests may share them through the prefix cache)."""
         for row, req_id in enumerate(req_ids):
             if (biased := biased_rows.get(row)) is not None:
                 block_row, num_tokens = biased.block_row, biased.num_tokens
             else:
                 block_row, num_tokens = view.block_table_tensor[row], int(view.seq_lens[row])
             used = -(-num_tokens // self.block_size)
-            positions = torch.arange(used)
-            if (compacted := compacted_rows.get(row)) is not None:
-                kept = compacted.kept_block_ids.numel()
-                positions = torch.where(
-                    positions < compacted.in_place, positions,
-                    torch.where(positions < kept, -1, positions - kept + compacted.num_blocks))
+            compacted = compacted_rows.get(row)
+            positions = (torch.arange(used) if compacted is None
+                         else compacted.logical_positions(used))
             worker.note_blocks_read(req_id, self.layer_idx, block_row[:used].clone(), positions)
 
     def _physical_view_with_biased_rows(
@@ -116,11 +113,12 @@ class EntropyKVMetadataBuilder(CPUAttentionMetadataBuilder):
         biases: dict[int, torch.Tensor],
         query_start: list[int],
     ) -> tuple[CommonAttentionMetadata, dict[int, BiasedRow]]:
-        """Physical view for the kernel: in each listed row the kept blocks replace the
-        compressed prompt's blocks, the tail follows them, and the sequence length shrinks by
-        the tokens dropped. Rows with a bias are computed by the backend from that view, so
-        the kernel sees only their queries (a throwaway result, not a second pass over the
-        cache). The runner's own tensors are not modified."""
+        """Physical view for the kernel: in each listed row the kept blocks (those kept in
+        place, then the fresh ones) replace the compressed prompt's blocks, the tail follows
+        them, and the sequence length shrinks by the tokens dropped. Rows with a bias are
+        computed by the backend from that view, so the kernel sees only their queries (a
+        throwaway result, not a second pass over the cache). The runner's own tensors are not
+        modified."""
         block_table = cam.block_table_tensor.clone()
         seq_lens = cam.seq_lens.clone()
         biased_rows: dict[int, BiasedRow] = {}

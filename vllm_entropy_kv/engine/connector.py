@@ -6,7 +6,7 @@ the requests whose prefill ended in an earlier step and that this step still sch
 (planning after the forward of the last chunk would delay the first token by the whole
 compaction); `build_connector_worker_meta` ships the reports. Scheduler side:
 `update_connector_output` gives each reported request fresh blocks for its kept tokens in
-place of its prompt blocks, which it releases, but for leading blocks that keep every token
+place of its prompt blocks, which it releases, but for the blocks that keep every token
 (`engine/block_table.py`); the next `build_connector_meta` sends the kept block ids, and the
 worker writes the kept tokens into the fresh ones in `handle_preemptions`. The same metadata
 tells the worker which requests start a prefill (a prefix-cache hit starts one past position

@@ -11,18 +11,20 @@ Timeline of one request, all in the worker process:
 3. At the start of the request's next step (t+1, `handle_preemptions` of the connector),
    `compact` reads each layer's prompt keys and values back from the paged cache
    (`cache_layout`), runs the policy over all layers and keeps each layer's kept tokens
-   (and summaries) aside; its report says how many blocks each layer keeps, and how many of
-   them lead the prompt unchanged (every token kept). The prompt's blocks are not touched:
-   other requests may share them through the prefix cache.
-4. The scheduler hears of the report with step t+1's output, gives the request fresh
-   blocks for the kept tokens in place of its prompt blocks and releases those
-   (`engine/block_table.py`), but for the unchanged leading blocks, which stay; at the start
-   of the next step it schedules, the connector hands the worker the kept block ids
-   (`write_kept`), which writes the kept tokens into the fresh ones before the step's
-   forward.
+   (and summaries) aside, but for the prompt blocks whose every token is kept: its report
+   says how many blocks each layer keeps, and which prompt blocks keep every token (they
+   are not copied). The prompt's blocks are not touched: other requests may share them
+   through the prefix cache.
+4. The scheduler hears of the report with step t+1's output, keeps the wholly kept blocks,
+   gives the request fresh blocks for the other kept tokens and releases the rest of its
+   prompt blocks (`engine/block_table.py`); at the start of the next step it schedules, the
+   connector hands the worker the kept block ids (`write_kept`), which writes the other
+   kept tokens into the fresh ones before the step's forward.
 5. Later steps: the metadata builder gives the kernel a virtual block-table row of the kept
-   blocks followed by the tail, and a physical sequence length; positions and slot mapping
-   stay logical. docs/ENGINE.md says why no step reads a block another request was given.
+   blocks (those kept in place, then the fresh ones) followed by the tail, and a physical
+   sequence length; positions and slot mapping stay logical. Attention over past tokens
+   does not depend on their order (keys carry their RoPE positions). docs/ENGINE.md says why
+   no step reads a block another request was given.
 
 Only the compressible prefix (whole blocks) is planned; the partially filled last prompt
 block stays in place because decode appends to it at logical slots. The observation window
@@ -141,34 +143,44 @@ class KeptLayer:
     """One layer's kept tokens and summaries, planned at step t and written at step t+2 into
     the blocks the scheduler gives (`CompressionWorker.write_kept`)."""
 
-    keys: torch.Tensor  # [Hkv, m, d], the kept tokens after the blocks kept in place
+    keys: torch.Tensor  # [Hkv, m, d], the kept tokens outside the blocks kept in place
     values: torch.Tensor
     captured: CapturedLayer  # where the layer's cache is, and its cache op's settings
     num_blocks: int  # the compressed prompt's blocks, which the kept blocks replace
-    in_place: int  # leading prompt blocks kept whole, which stay where they are
+    in_place: torch.Tensor  # logical indices of the prompt blocks kept whole, which stay
 
 
 @dataclass
 class CompactedLayer:
     """A layer of a compacted request: its kept blocks replace the first `num_blocks`
-    logical blocks (the compressed prompt) in every kernel view of its row; the first
-    `in_place` of them are the row's own (unchanged, maybe shared through the prefix cache)."""
+    logical blocks (the compressed prompt) in every kernel view of its row; the first of
+    them are the row's own prompt blocks at logical indices `in_place` (unchanged, maybe
+    shared through the prefix cache), the others fresh."""
 
     kept_block_ids: torch.Tensor  # int32
     num_blocks: int
-    in_place: int
+    in_place: torch.Tensor  # int64
+
+    def logical_positions(self, used: int) -> torch.Tensor:
+        """The logical block position of each of the first `used` blocks of the kernel's
+        view: a block kept in place at its own, a fresh kept block -1 (its request's alone),
+        the tail's after the compressed prompt."""
+        kept = self.kept_block_ids.numel()
+        fresh = torch.full((kept - self.in_place.numel(),), -1, dtype=torch.int64)
+        tail = torch.arange(self.num_blocks, self.num_blocks + max(0, used - kept))
+        return torch.cat([self.in_place, fresh, tail])[:used]
 
 
 @dataclass
 class CompressionReport:
     """What the worker planned for one request: how many tokens (whole blocks) each layer
-    keeps of the `num_tokens` compressed prompt tokens, and how many of its leading blocks
-    keep every token (they are not copied)."""
+    keeps of the `num_tokens` compressed prompt tokens, and which of its prompt blocks keep
+    every token (logical indices; they are not copied)."""
 
     policy: str
     num_tokens: int
     kept_tokens: dict[int, int]
-    blocks_in_place: dict[int, int]
+    blocks_in_place: dict[int, list[int]]
     seconds: float
     # Stats only (metrics): tokens in the cache when compressed (the prompt; the tail beyond
     # `num_tokens` stays in place), and each layer's entropy if the policy computed it.
@@ -375,7 +387,7 @@ class CompressionWorker:
             observations = [replace(o, shard=shard) for o in observations]
         plans = policy.plan(observations, config.budget_for(block))
         kept: dict[int, int] = {}
-        in_place: dict[int, int] = {}
+        in_place: dict[int, list[int]] = {}
         kept_layers: dict[int, KeptLayer] = {}
         log_bias: dict[int, torch.Tensor] = {}
         for layer_idx, cap, observation, plan in zip(layer_ids, captured, observations, plans):
@@ -384,17 +396,16 @@ class CompressionWorker:
             if m % block or m > n:
                 raise ValueError(f"layer {layer_idx}: plan keeps {m} tokens, not a whole "
                                  f"number of {block}-token blocks within {n}")
-            # Kept tokens in prompt order, then the summaries: the layer's new first m slots,
-            # of which the leading blocks that keep every token are already in place, so only
-            # the tokens after them are gathered (the bias of those in place is 0).
-            in_place[layer_idx] = blocks_in_place(plan, block)
-            start = in_place[layer_idx] * block
-            keys, values, bias = compressed_kv(observation,
-                                               replace(plan, keep=plan.keep[start:]))
-            kept_layers[layer_idx] = KeptLayer(keys, values, cap, n // block,
-                                               in_place[layer_idx])
+            # The layer's new first m slots: the blocks that keep every token, already in
+            # place, then the other kept tokens in prompt order and the summaries, which
+            # alone are gathered (the bias of the tokens in place is 0).
+            whole = blocks_in_place(plan, block, n // block)
+            in_place[layer_idx] = whole.tolist()
+            moved = replace(plan, keep=plan.keep[~torch.isin(plan.keep // block, whole)])
+            keys, values, bias = compressed_kv(observation, moved)
+            kept_layers[layer_idx] = KeptLayer(keys, values, cap, n // block, whole)
             if config.merge_bias and bool(bias.any()):
-                log_bias[layer_idx] = torch.cat([bias.new_zeros(start), bias])
+                log_bias[layer_idx] = torch.cat([bias.new_zeros(whole.numel() * block), bias])
         if log_bias:
             self.log_bias[req_id] = log_bias
         entropies = {
@@ -427,7 +438,7 @@ class CompressionWorker:
             ids_tensor = torch.tensor(ids, dtype=torch.int64)
             if layer.keys.shape[1]:
                 positions = torch.arange(layer.keys.shape[1])
-                fresh = ids_tensor[layer.in_place:]
+                fresh = ids_tensor[layer.in_place.numel():]
                 slots = fresh[positions // block] * block + positions % block
                 write_tokens(
                     cap.kv_cache, layer.keys.transpose(0, 1), layer.values.transpose(0, 1),
@@ -495,12 +506,11 @@ def window_start(prompt_tokens: int, config: KVPolicyConfig) -> int:
     return max(0, prompt_tokens - config.window)
 
 
-def blocks_in_place(plan: LayerPlan, block_size: int) -> int:
-    """Leading whole blocks whose every token the plan keeps: compaction would write each of
-    their tokens back to its own slot (kept tokens come first, in prompt order)."""
-    keep = plan.keep
-    leading = int((keep == torch.arange(keep.numel(), device=keep.device)).sum())
-    return leading // block_size
+def blocks_in_place(plan: LayerPlan, block_size: int, num_blocks: int) -> torch.Tensor:
+    """The logical indices, in order, of the compressed prompt's blocks (the first
+    `num_blocks`) whose every token the plan keeps: compaction would only copy them."""
+    counts = torch.bincount(plan.keep // block_size, minlength=num_blocks)[:num_blocks]
+    return (counts == block_size).nonzero().flatten()
 
 
 def plan_digest(plans: list[LayerPlan]) -> str:
