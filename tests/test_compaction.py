@@ -204,25 +204,27 @@ def test_cache_reads_back_what_the_cache_op_wrote(layout: Layout) -> None:
     n = 2 * layout.block + 6
     keys, values = layout.randn(n, HKV), layout.randn(n, HKV)
     block_row = torch.tensor([4, 1, 3], dtype=torch.int32)
-    kv_cache = layout.cache(6)
+    # A view into a larger buffer, as a layer's cache may be: reads start at its offset.
+    kv_cache = layout.cache(7)[1:]
     write(kv_cache, layout, keys, values, block_row, 0)
     view = cache_layout(layout.isa, kv_cache, "auto")
     assert view.strided is not None, "every layout of vLLM 0.32 is a strided view"
-    got_keys, got_values = view.gather(kv_cache, block_row, n)
-    # Keys come back in float32 with positions contiguous (what scoring reads fastest),
-    # values in the cache's dtype.
-    assert got_keys.dtype == torch.float32 and got_keys.stride(1) == 1
-    assert got_values.dtype == kv_cache.dtype
-    assert torch.equal(got_keys, keys.transpose(0, 1).float())
-    assert torch.equal(got_values, values.transpose(0, 1))
-    # The element-wise gather, for a layout that is no strided view, reads the same.
+    # The element-wise gather, for a layout that is no strided view, must read the same.
     elementwise = dataclasses.replace(view)
     elementwise.__dict__["strided"] = None
     assert elementwise.strided is None
-    got_keys, got_values = elementwise.gather(kv_cache, block_row, n)
-    assert got_keys.dtype == torch.float32 and got_keys.stride(1) == 1
-    assert torch.equal(got_keys, keys.transpose(0, 1).float())
-    assert torch.equal(got_values, values.transpose(0, 1))
+    positions = torch.tensor([n - 1, 0, layout.block + 3, 5, layout.block - 1])
+    for reader in (view, elementwise):
+        got_keys, got_values = reader.gather(kv_cache, block_row, n)
+        # Keys come back in float32 with positions contiguous (what scoring reads fastest),
+        # values in the cache's dtype.
+        assert got_keys.dtype == torch.float32 and got_keys.stride(1) == 1
+        assert got_values.dtype == kv_cache.dtype
+        assert torch.equal(got_keys, keys.transpose(0, 1).float())
+        assert torch.equal(got_values, values.transpose(0, 1))
+        # The values of a few positions alone (the kept tokens of a policy that reads none).
+        assert torch.equal(reader.values_at(kv_cache, block_row, positions),
+                           values[positions].transpose(0, 1))
 
 
 def test_a_quantised_cache_has_no_read_back() -> None:

@@ -99,6 +99,26 @@ def test_deterministic(make_layers, budget: Budget, name: str) -> None:
             assert torch.equal(a.summary_counts, b.summary_counts)
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_a_policy_that_reads_no_values_plans_the_same_without_them(
+    make_layers, budget: Budget, name: str
+) -> None:
+    """`reads_values` is what the engine trusts to skip reading the prompt's values back: a
+    policy that declares False plans the same without them, one that reads them says so."""
+    layers = observe(make_layers, name, num_layers=3)
+    policy = get_policy(name)
+    with_values = policy.plan(layers, budget)
+    without = [dataclasses.replace(o, values=None) for o in layers]
+    if policy.reads_values:
+        assert name in WITH_SUMMARIES | {"expected-attention"}
+        with pytest.raises((AttributeError, TypeError)):
+            policy.plan(without, budget)
+        return
+    assert name not in WITH_SUMMARIES
+    for a, b in zip(with_values, policy.plan(without, budget)):
+        assert torch.equal(a.keep, b.keep) and b.num_summaries == 0
+
+
 @pytest.mark.parametrize("name", sorted(WITH_SUMMARIES))
 def test_summary_shapes(make_layers, budget: Budget, name: str) -> None:
     layers = observe(make_layers, name, num_layers=3, n=400, dtype=torch.bfloat16)

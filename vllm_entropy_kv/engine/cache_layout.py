@@ -76,32 +76,75 @@ class BlockLayout:
     def gather(
         self, kv_cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `num_tokens` keys and values a block-table row points at, as two
-        `[num_kv_heads, num_tokens, head_size]` tensors: values in the cache's dtype, keys in
-        float32 stored `[num_kv_heads, head_size, num_tokens]`, the layout float32 attention
-        over them (scoring, the biased rows) reads fastest. Converting in the one copy that
-        reorders them costs no more than a plain copy, and spares a second."""
-        num_blocks = -(-num_tokens // self.block_size)
-        blocks = kv_cache.view(kv_cache.shape[0], -1).index_select(
-            0, block_row[:num_blocks].long())
-        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_size)
+        """The first `num_tokens` keys and values a block-table row points at (`gather_keys`,
+        `gather_values`)."""
+        return (self.gather_keys(kv_cache, block_row, num_tokens),
+                self.gather_values(kv_cache, block_row, num_tokens))
 
-        def per_block(index: torch.Tensor, strided: StridedTokens | None) -> torch.Tensor:
-            """[Hkv, blocks, <token dims>, <dim dims>], a view where the layout allows."""
-            if strided is None:
-                return blocks[:, index].view(shape).permute(2, 0, 1, 3)
-            view = blocks.as_strided((num_blocks, *strided.sizes),
-                                     (blocks.shape[1], *strided.strides), strided.offset)
-            return view.permute(3, 0, 1, 2, 4, 5)
+    def gather_keys(
+        self, kv_cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int
+    ) -> torch.Tensor:
+        """The first `num_tokens` keys a block-table row points at, `[num_kv_heads,
+        num_tokens, head_size]` in float32 stored `[num_kv_heads, head_size, num_tokens]`: the
+        layout float32 attention over them (scoring, the biased rows) reads fastest."""
+        rows = self._block_rows(block_row, num_tokens)
+        key = self.strided[0] if self.strided else None
+        if key is None:
+            by_dim = self._elementwise(kv_cache, rows, self.key_index).permute(2, 3, 0, 1)
+        else:
+            # Selecting blocks along a dim that follows the head and dim dims writes them
+            # `[Hkv, d, positions]` in one copy, 2x faster than reordering selected blocks.
+            by_dim = _every_block(kv_cache, key).permute(3, 4, 5, 0, 1, 2).index_select(3, rows)
+        keys = by_dim.reshape(self.num_kv_heads, self.head_size, -1).float().contiguous()
+        return keys.transpose(1, 2)[:, :num_tokens]
 
-        key, value = self.strided or (None, None)
-        keys = per_block(self.key_index, key)
-        transposed = torch.empty(self.num_kv_heads, self.head_size, num_blocks * self.block_size,
-                                 dtype=torch.float32, device=blocks.device)
-        transposed.transpose(1, 2).view(keys.shape).copy_(keys)
-        values = per_block(self.value_index, value).reshape(self.num_kv_heads, -1,
-                                                            self.head_size)
-        return transposed.transpose(1, 2)[:, :num_tokens], values[:, :num_tokens]
+    def gather_values(
+        self, kv_cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int
+    ) -> torch.Tensor:
+        """The first `num_tokens` values a block-table row points at, `[num_kv_heads,
+        num_tokens, head_size]` in the cache's dtype."""
+        rows = self._block_rows(block_row, num_tokens)
+        value = self.strided[1] if self.strided else None
+        tokens = (self._elementwise(kv_cache, rows, self.value_index) if value is None
+                  else _every_block(kv_cache, value).index_select(0, rows))
+        return tokens.reshape(-1, self.num_kv_heads, self.head_size).transpose(0, 1)[:, :num_tokens]
+
+    def values_at(
+        self, kv_cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """The values of the logical `positions` of a block-table row, `[num_kv_heads,
+        len(positions), head_size]` in the cache's dtype: a policy that does not read values
+        needs only its kept tokens'."""
+        blocks = block_row.long()[positions // self.block_size]
+        offsets = positions % self.block_size
+        value = self.strided[1] if self.strided else None
+        if value is None:
+            flat = kv_cache.view(kv_cache.shape[0], -1)
+            within = self.value_index.view(self.block_size, -1)[offsets]
+            tokens = flat[blocks.unsqueeze(1), within]
+        else:
+            pack = value.sizes[1]
+            tokens = _every_block(kv_cache, value)[blocks, offsets // pack, offsets % pack]
+        return tokens.reshape(-1, self.num_kv_heads, self.head_size).transpose(0, 1)
+
+    def _block_rows(self, block_row: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        return block_row[: -(-num_tokens // self.block_size)].long()
+
+    def _elementwise(
+        self, kv_cache: torch.Tensor, rows: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        """`[blocks, block_size, Hkv, d]` of the blocks `rows`, for a layout that is no strided
+        view."""
+        blocks = kv_cache.view(kv_cache.shape[0], -1).index_select(0, rows)
+        return blocks[:, index].view(-1, self.block_size, self.num_kv_heads, self.head_size)
+
+
+def _every_block(kv_cache: torch.Tensor, half: StridedTokens) -> torch.Tensor:
+    """One half of every block of the cache, a view `[num_blocks, <token dims>, Hkv, <dim
+    dims>]` (`StridedTokens`)."""
+    flat = kv_cache.view(kv_cache.shape[0], -1)
+    return flat.as_strided((flat.shape[0], *half.sizes), (flat.shape[1], *half.strides),
+                           flat.storage_offset() + half.offset)
 
 
 def _strided_tokens(

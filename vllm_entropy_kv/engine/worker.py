@@ -9,8 +9,9 @@ Timeline of one request, all in the worker process:
 2. Step t, the forward of the prompt's last chunk, samples the first token as stock vLLM
    does: no compression work delays it.
 3. At the start of the request's next step (t+1, `handle_preemptions` of the connector),
-   `compact` reads each layer's prompt keys and values back from the paged cache
-   (`cache_layout`), runs the policy over all layers and keeps each layer's kept tokens
+   `compact` reads each layer's prompt keys back from the paged cache (`cache_layout`;
+   values too for a policy that reads them, else only the values of the kept tokens it
+   will move), runs the policy over all layers and keeps each layer's kept tokens
    (and summaries) aside, but for the prompt blocks whose every token is kept: its report
    says how many blocks each layer keeps, and which prompt blocks keep every token (they
    are not copied). The prompt's blocks are not touched: other requests may share them
@@ -48,6 +49,7 @@ from vllm.logger import init_logger
 from vllm_entropy_kv.config import KVPolicyConfig, KVPolicyConfigError
 from vllm_entropy_kv.metrics import EntropyKVStats
 from vllm_entropy_kv.engine.cache_layout import (
+    BlockLayout,
     cache_layout,
     request_amx_permission,
     write_tokens,
@@ -105,18 +107,29 @@ class CapturedLayer:
     layer: Any = None  # the vLLM attention layer: its ISA tag and KV scales drive the cache op
     kv_cache_dtype: str = "auto"
 
-    def observation(self, num_tokens: int, prompt_tokens: int) -> LayerObservation:
-        """Queries from the capture, keys and values of the first `num_tokens` prompt
-        positions read back from the paged cache (copies of what the forward wrote)."""
+    def observation(self, num_tokens: int, prompt_tokens: int,
+                    with_values: bool) -> LayerObservation:
+        """Queries from the capture, keys (and values, if `with_values`) of the first
+        `num_tokens` prompt positions read back from the paged cache (copies of what the
+        forward wrote)."""
+        layout = self._layout()
+        return LayerObservation(
+            queries=torch.cat(self.query_chunks).transpose(0, 1).contiguous(),
+            keys=layout.gather_keys(self.kv_cache, self.block_ids, num_tokens),
+            values=(layout.gather_values(self.kv_cache, self.block_ids, num_tokens)
+                    if with_values else None),
+            scale=self.scale, query_offset=prompt_tokens - num_tokens,
+        )
+
+    def values_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """`[Hkv, len(positions), d]` values of prompt positions, read back from the cache."""
+        return self._layout().values_at(self.kv_cache, self.block_ids, positions)
+
+    def _layout(self) -> BlockLayout:
         assert self.kv_cache is not None and self.block_ids is not None
         layout = cache_layout(self.layer.isa, self.kv_cache, self.kv_cache_dtype)
         assert layout is not None, "refused at start-up (engine/setup.py)"
-        keys, values = layout.gather(self.kv_cache, self.block_ids, num_tokens)
-        return LayerObservation(
-            queries=torch.cat(self.query_chunks).transpose(0, 1).contiguous(),
-            keys=keys, values=values, scale=self.scale,
-            query_offset=prompt_tokens - num_tokens,
-        )
+        return layout
 
 
 @dataclass
@@ -381,7 +394,8 @@ class CompressionWorker:
         block, n = self.block_size, request.num_tokens
         layer_ids = sorted(request.layers)
         captured = [request.layers[i] for i in layer_ids]
-        observations = [c.observation(n, request.prompt_tokens) for c in captured]
+        observations = [c.observation(n, request.prompt_tokens, policy.reads_values)
+                        for c in captured]
         if group is not None:
             shard = head_shard(group, observations[0].keys.shape[0], self.total_kv_heads)
             observations = [replace(o, shard=shard) for o in observations]
@@ -402,7 +416,9 @@ class CompressionWorker:
             whole = blocks_in_place(plan, block, n // block)
             in_place[layer_idx] = whole.tolist()
             moved = replace(plan, keep=plan.keep[~torch.isin(plan.keep // block, whole)])
-            keys, values, bias = compressed_kv(observation, moved)
+            keys, values, bias = compressed_kv(
+                observation, moved,
+                None if observation.values is not None else cap.values_at(moved.keep))
             kept_layers[layer_idx] = KeptLayer(keys, values, cap, n // block, whole)
             if config.merge_bias and bool(bias.any()):
                 log_bias[layer_idx] = torch.cat([bias.new_zeros(whole.numel() * block), bias])

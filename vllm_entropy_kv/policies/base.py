@@ -96,7 +96,8 @@ class LayerObservation:
     queries: [Hq, W, d] the last W prompt queries (W may be smaller than n).
     keys, values: [Hkv, n, d] the prompt's keys and values, in any dtype and strides; scoring
         reads keys fastest in float32 with positions contiguous (`[Hkv, d, n]` storage), as
-        the engine reads them back.
+        the engine reads them back. `values` may be None for a policy that does not read them
+        (`KVPolicy.reads_values`): the engine then reads back only the kept tokens' values.
     scale: the softmax scale the model uses (usually d ** -0.5).
     query_offset: how many positions the last query lies beyond the last key. 0: the queries
         are the last W of the n positions. The engine compresses only a prompt's whole
@@ -110,7 +111,7 @@ class LayerObservation:
 
     queries: torch.Tensor
     keys: torch.Tensor
-    values: torch.Tensor
+    values: torch.Tensor | None
     scale: float
     query_offset: int = 0
     shard: HeadShard | None = None
@@ -160,6 +161,11 @@ class KVPolicy(abc.ABC):
     #: (position-only policies). Callers may pass more; policies use the last ones they want.
     #: A class default that dataclass policies may turn into a field of the same name.
     observation_queries: int | None = 32
+
+    #: Whether `plan` reads `LayerObservation.values` (to merge or reconstruct them). A
+    #: policy that only selects does not, and the engine then reads back the values of its
+    #: moved kept tokens only, not half of the prompt's cache.
+    reads_values: ClassVar[bool] = False
 
     @abc.abstractmethod
     def plan(self, layers: list[LayerObservation], budget: Budget) -> list[LayerPlan]:

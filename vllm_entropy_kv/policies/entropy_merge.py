@@ -96,6 +96,7 @@ class EntropyMergePolicy(EntropyPolicy):
     """
 
     name: ClassVar[str] = "entropy-merge"
+    reads_values: ClassVar[bool] = True
     summary_fraction: float = 0.1
 
     def plan_layers(

@@ -61,6 +61,7 @@ class ExpectedAttentionPolicy(ScorerPolicy):
     """
 
     name: ClassVar[str] = "expected-attention"
+    reads_values: ClassVar[bool] = True
     observation_queries: int | None = 32
     future_positions: int = 512
     use_covariance: bool = True

@@ -346,6 +346,7 @@ class SRCPolicy(ScorerPolicy):
     """
 
     name: ClassVar[str] = "src"
+    reads_values: ClassVar[bool] = True
     observation_queries: int | None = 32
     rank: int = 8
     bin_fraction: float = 0.5

@@ -50,12 +50,12 @@ CPU_CHUNK_ELEMENTS = 1 << 20
 def check_observation(obs: LayerObservation) -> None:
     """Raise ValueError unless the observation's shapes fit the contract in `base.py`."""
     q, k, v = obs.queries, obs.keys, obs.values
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+    if q.dim() != 3 or k.dim() != 3 or (v is not None and v.dim() != 3):
         raise ValueError(
             f"queries, keys, values must be 3-D, got {tuple(q.shape)}, {tuple(k.shape)}, "
-            f"{tuple(v.shape)}"
+            f"{None if v is None else tuple(v.shape)}"
         )
-    if k.shape[:2] != v.shape[:2]:
+    if v is not None and k.shape[:2] != v.shape[:2]:
         raise ValueError(f"keys {tuple(k.shape)} and values {tuple(v.shape)} differ in [Hkv, n]")
     if q.shape[0] % k.shape[0] != 0:
         raise ValueError(f"{q.shape[0]} query heads are not a multiple of {k.shape[0]} KV heads")
@@ -471,15 +471,21 @@ def select_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def compressed_kv(
-    obs: LayerObservation, plan: LayerPlan
+    obs: LayerObservation, plan: LayerPlan, kept_values: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layer's cache after `plan`: (keys, values [Hkv, k + s, d], log_bias [k + s]).
 
-    Kept tokens come first in prompt order, then the summaries, whose bias is log(count)
-    (Attention Matching, arXiv 2602.16284) so that a summary of c tokens weighs like c tokens.
+    Kept tokens come first in the order of `plan.keep`, then the summaries, whose bias is
+    log(count) (Attention Matching, arXiv 2602.16284) so that a summary of c tokens weighs
+    like c tokens. `kept_values` [Hkv, k, d]: the kept tokens' values, where `obs` holds none
+    (`KVPolicy.reads_values`).
     """
     keys = select_positions(obs.keys, plan.keep)
-    values = select_positions(obs.values, plan.keep)
+    if kept_values is None:
+        if obs.values is None:
+            raise ValueError("the observation has no values: give the kept tokens' values")
+        kept_values = select_positions(obs.values, plan.keep)
+    values = kept_values
     bias = torch.zeros(plan.keep.numel(), dtype=torch.float32, device=obs.keys.device)
     if plan.summary_keys is not None and plan.summary_values is not None:
         keys = torch.cat([keys, plan.summary_keys.to(keys.dtype)], dim=1)
