@@ -20,6 +20,15 @@ from planning_golden import (
 from vllm_entropy_kv.policies import available_policies
 
 
+# Summaries that are solutions of a ridge least-squares fit (src's values: `_fit_values`,
+# through `torch.linalg.solve` and `pinv`). LAPACK picks CPU-specific kernels, and the fit's
+# conditioning amplifies their rounding: against the recording (made on an Intel Xeon), an AMD
+# EPYC's values differ by up to 1.4e-4 of their norm (2026-12-07), every other summary by
+# about 1e-7. The kept tokens and counts are compared exactly all the same.
+LEAST_SQUARES_FITS = {("src", "values")}
+FIT_RTOL = 1e-3
+
+
 @pytest.fixture(scope="module")
 def golden() -> dict:
     return torch.load(GOLDEN, weights_only=False)
@@ -48,6 +57,11 @@ def test_plans_match_the_recording(golden, index: int) -> None:
                                    rtol=1e-6, equal_nan=True, msg=f"{key}: layer entropy")
         assert torch.equal(got["counts"], want["counts"]), f"{key}: summary counts differ"
         for part in ("keys", "values"):
+            if (name, part) in LEAST_SQUARES_FITS:
+                assert got[part].shape == want[part].shape, f"{key}: summary {part} shape"
+                error = (got[part] - want[part]).norm() / want[part].norm().clamp_min(1e-30)
+                assert error <= FIT_RTOL, f"{key}: summary {part}: relative error {error:.2e}"
+                continue
             torch.testing.assert_close(got[part], want[part], atol=atol, rtol=rtol,
                                        msg=lambda m, k=key, p=part: f"{k}: summary {p}: {m}")
 
