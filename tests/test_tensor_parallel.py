@@ -80,11 +80,12 @@ def test_needle_retrieval_at_tp3_matches_tp1(tp_server: VllmServer,
 # Two 1,560-token prompts kept whole (49 blocks per layer each) fill 98 of the pool's 100
 # blocks per layer, and nothing else fits beside them: by their 41st decoded token they need
 # two more blocks per layer than the pool has, so the scheduler must preempt one. The
-# compressed requests and the aborted ones arrive once both run.
+# compressed requests and the aborted ones arrive once both run; they decode fewer tokens,
+# since the preemption comes from the long ones and each request also runs alone.
 FULL = [(1210, 40000), (1260, 43000)]  # (words, offset): 1,560 tokens each
 FULL_TOKENS = range(48 * 32 + 1, 49 * 32 + 1)
 COMPRESSED_WORDS = [1000, 700, 900, 800, 600] * 2
-DECODE = 64
+DECODE = {1.0: 64, 0.25: 24}  # tokens decoded, by budget
 
 
 def test_concurrent_aborted_and_preempted_requests_at_tp3(tp_server: VllmServer) -> None:
@@ -104,7 +105,7 @@ def test_concurrent_aborted_and_preempted_requests_at_tp3(tp_server: VllmServer)
     prompts = list(budgets)
 
     def run(prompt: str) -> str:
-        return complete(url, prompt, max_tokens=DECODE, ignore_eos=True,
+        return complete(url, prompt, max_tokens=DECODE[budgets[prompt]], ignore_eos=True,
                         vllm_xargs={"kv_budget": budgets[prompt]})["choices"][0]["text"]
 
     def aborted(prompt: str) -> None:
