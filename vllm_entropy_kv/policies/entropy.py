@@ -35,10 +35,10 @@ class EntropyPolicy(ScorerPolicy):
     observation_queries: the window W of last prompt queries that measure entropy and scores;
         16, half of SnapKV's 32, so a question at the end of a prompt is not outvoted by the
         context's last tokens (offline, query-aware needle at 3k tokens and 25% kept: 4/5 with
-        16 or 8, 3/5 with 32, 2/5 with 64; the full cache 4/5). The server plans with 32 and
-        query_reduce "max" (`config.SERVED_WINDOWS`), which ranked first on the RULER-style
-        suite's tuning and test splits (docs/RESULTS.md): 16 misses the first of several
-        keys a question names.
+        16 or 8, 3/5 with 32, 2/5 with 64; the full cache 4/5). The server plans with 32
+        (`config.SERVED_WINDOWS`) and query_reduce "max" (`config.KVPolicyConfig`), which
+        ranked first on the RULER-style suite's tuning and test splits (docs/RESULTS.md): 16
+        misses the first of several keys a question names.
     exponent: budgets are proportional to entropy ** exponent (0 = uniform).
     min_fraction, max_fraction: per-layer clamps as fractions of the prompt length.
     group_reduce: how the query heads of one KV head combine ("mean", "max", "sum").
